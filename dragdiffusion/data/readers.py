@@ -1,0 +1,122 @@
+"""Read samples: DragBench (<category>/<sample>/original_image.png + meta_data.pkl) and our format
+(<sample>/image.png, optional mask.png, drag.json {"prompt", "handles", "targets"}).
+
+DragBench's meta_data.pkl is a pickle: it is read with a restricted unpickler that admits plain containers,
+numbers, strings and numpy arrays only, so a pickle that would call anything else is refused unexecuted.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SampleError, UnsafePickleError
+from ..sample import DragSample, make_sample, read_image, read_mask
+
+# (module, name) pairs a DragBench pickle may reference: numpy's array reconstruction, nothing else.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"refused to load '{module}.{name}': only plain data (dict, list, str, numbers, "
+                                "numpy arrays) is allowed in a meta_data.pkl")
+
+
+def safe_load_pickle(path: str | Path):
+    """Load a pickle that may hold only plain containers, numbers, strings and numpy arrays."""
+    data = Path(path).read_bytes()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except Exception as exc:  # truncated or not a pickle
+        raise UnsafePickleError(f"{path}: not a readable pickle ({exc.__class__.__name__}: {exc})") from None
+
+
+def sample_name(folder: Path, root: Path | None = None) -> str:
+    return folder.relative_to(root).as_posix() if root is not None else folder.name
+
+
+def read_dragbench_sample(folder: str | Path, name: str | None = None) -> DragSample:
+    folder = Path(folder)
+    name = name or folder.name
+    meta_path = folder / "meta_data.pkl"
+    if not meta_path.exists():
+        raise SampleError("meta_data.pkl", f"not found in {folder}", name)
+    meta = safe_load_pickle(meta_path)
+    if not isinstance(meta, dict):
+        raise SampleError("meta_data.pkl", f"expected a dict, got {type(meta).__name__}", name)
+    for key in ("points",):
+        if key not in meta:
+            raise SampleError(key, f"missing from {meta_path}", name)
+    mask = meta.get("mask")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+    return make_sample(folder / "original_image.png", meta["points"], mask, str(meta.get("prompt") or ""), name)
+
+
+def read_folder_sample(folder: str | Path, name: str | None = None) -> DragSample:
+    folder = Path(folder)
+    name = name or folder.name
+    drag_path = folder / "drag.json"
+    try:
+        drag = json.loads(drag_path.read_text())
+    except FileNotFoundError:
+        raise SampleError("drag.json", f"not found in {folder}", name) from None
+    except json.JSONDecodeError as exc:
+        raise SampleError("drag.json", f"not valid JSON ({exc})", name) from None
+    if not isinstance(drag, dict) or "handles" not in drag or "targets" not in drag:
+        raise SampleError("drag.json", 'expected {"prompt": ..., "handles": [[x, y], ...], "targets": [[x, y], ...]}', name)
+    handles, targets = drag["handles"], drag["targets"]
+    if not isinstance(handles, list) or not isinstance(targets, list) or len(handles) != len(targets):
+        raise SampleError("drag.json", f"expected as many targets as handles, got {len(handles)} handles and "
+                                       f"{len(targets) if isinstance(targets, list) else targets!r} targets", name)
+    points = [p for pair in zip(handles, targets) for p in pair]
+    mask_path = folder / "mask.png"
+    mask = read_mask(mask_path, name) if mask_path.exists() else None
+    return make_sample(folder / "image.png", points, mask, str(drag.get("prompt") or ""), name)
+
+
+def is_dragbench_sample(folder: Path) -> bool:
+    return (folder / "meta_data.pkl").exists() and (folder / "original_image.png").exists()
+
+
+def is_folder_sample(folder: Path) -> bool:
+    return (folder / "drag.json").exists() and (folder / "image.png").exists()
+
+
+def read_sample(folder: str | Path, name: str | None = None) -> DragSample:
+    """A sample folder in either layout."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SampleError("sample", f"folder not found: {folder}", name)
+    if (folder / "meta_data.pkl").exists():
+        return read_dragbench_sample(folder, name)
+    if (folder / "drag.json").exists():
+        return read_folder_sample(folder, name)
+    raise SampleError("sample", f"{folder} holds neither meta_data.pkl + original_image.png (DragBench) nor "
+                                "drag.json + image.png (our format)", name)
+
+
+def find_samples(root: str | Path) -> list[Path]:
+    """Every sample folder under ``root`` (either layout), sorted, so every process sees the same order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SampleError("data", f"dataset folder not found: {root}")
+    found = {p.parent for p in root.rglob("meta_data.pkl")} | {p.parent for p in root.rglob("drag.json")}
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())

@@ -1,0 +1,121 @@
+"""DragEditModule: the latent z_t is the optimized parameter; one training step = one drag iteration.
+
+The module orchestrates the pure functions of motion.py / ddim.py / features.py. Point tracking and the
+mask term are supplied by the PointTracking and MaskRegularization callbacks (callbacks.py): without them
+the handles stay where they started and no mask term is added.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .ddim import ddim_step
+from .features import unet_eps_and_features
+from .motion import handle_distances, motion_supervision_loss
+
+
+class _Steps(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+class DragEditModule(L.LightningModule):
+    """Optimizes z_t so that the UNet features at each handle move toward its target.
+
+    Args:
+        unet: the (frozen) UNet; kept outside the module's parameters and state_dict.
+        scheduler: DDIM scheduler with ``set_timesteps`` already called.
+        z_t: inverted latent [1, 4, h, w] at timestep ``t``.
+        cond: prompt embedding [1, 77, D] (or [2, 77, D] uncond+cond with ``guidance_scale`` > 1).
+        handles, targets: (row, col) on the supervision grid, [N, 2].
+        drag: the ``drag`` config section.
+    """
+
+    def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
+                 targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None):
+        super().__init__()
+        object.__setattr__(self, "unet", unet)  # not a submodule: frozen, not saved, not wrapped
+        self.scheduler = scheduler
+        self.t = int(t)
+        self.drag = drag
+        self.grid_hw = tuple(grid_hw)
+        self.z_t = torch.nn.Parameter(z_t.detach().clone().float())
+        self.register_buffer("z_t_original", z_t.detach().clone().float(), persistent=False)
+        self.register_buffer("cond", cond.detach().clone(), persistent=False)
+        self.register_buffer("handles_init", handles.detach().clone().float(), persistent=False)
+        self.register_buffer("handles", handles.detach().clone().float(), persistent=False)
+        self.register_buffer("targets", targets.detach().clone().float(), persistent=False)
+        self.register_buffer("mask_latent", None if mask_latent is None else mask_latent.float(), persistent=False)
+        self.feat0: torch.Tensor | None = None
+        self.x0_prev: torch.Tensor | None = None
+        self.point_tracking = None  # set by the PointTracking callback
+        self.mask_regularization = None  # set by the MaskRegularization callback
+        self.reached = False
+        self.stop_step: int | None = None
+        self.history: dict[str, list] = {"handles": [], "motion_loss": [], "mask_loss": [], "loss": []}
+
+    # ------------------------------------------------------------------ the UNet as a function of z
+    def eps_and_features(self, z: torch.Tensor, need_eps: bool = True):
+        """(eps, features [C, gh, gw]) for one latent; the feature grid of the configured up_blocks."""
+        cond = self.cond
+        eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, cond, list(self.drag.feature_blocks),
+                                           self.grid_hw, need_eps=need_eps)
+        return (None if eps is None else eps.float()), feats[0]
+
+    def x_prev(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return ddim_step(self.scheduler, eps, self.t, z)
+
+    @property
+    def uses_mask_term(self) -> bool:
+        return self.mask_regularization is not None and self.mask_regularization.active(self)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self):
+        if self.unet.device != self.device:
+            self.unet.to(self.device)
+        with torch.no_grad():
+            eps, self.feat0 = self.eps_and_features(self.z_t_original, need_eps=self.uses_mask_term)
+            self.x0_prev = self.x_prev(self.z_t_original, eps) if eps is not None else None
+
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        eps, feat = self.eps_and_features(self.z_t, need_eps=self.uses_mask_term)
+        if self.point_tracking is not None and step > 0:
+            self.handles.copy_(self.point_tracking.track(self, feat))
+        self.history["handles"].append(self.handles.tolist())
+        distances = handle_distances(self.handles, self.targets)
+        for i, d in enumerate(distances.tolist()):
+            self.log(f"drag/distance_{i}", d, on_step=True, prog_bar=False)
+        if self.point_tracking is not None and self.point_tracking.reached(self):
+            self.reached = True
+            self.stop_step = step
+            return None  # no update at this step; PointTracking stops the Trainer
+        motion = motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m)
+        mask = self.mask_regularization.loss(self, self.x_prev(self.z_t, eps)) if self.uses_mask_term \
+            else motion.new_zeros(())
+        loss = motion + mask
+        self.history["motion_loss"].append(float(motion.detach()))
+        self.history["mask_loss"].append(float(mask.detach()))
+        self.history["loss"].append(float(loss.detach()))
+        self.log_dict({"drag/motion_loss": motion, "drag/mask_loss": mask, "drag/loss": loss}, on_step=True,
+                      prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        name = self.drag.optimizer
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+        return cls([self.z_t], lr=self.drag.lr)
+
+    def train_dataloader(self):
+        return DataLoader(_Steps(max(1, self.drag.n_pix_step)), batch_size=1)
+
+    # ------------------------------------------------------------------ results
+    def edited_latent(self) -> torch.Tensor:
+        return self.z_t.detach().clone()

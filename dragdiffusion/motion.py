@@ -1,0 +1,95 @@
+"""Motion supervision, point tracking and the mask term: pure functions on tensors.
+
+Points here are (row, col) on the supervision grid; features are [C, H, W].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bilinear_sample(feat: torch.Tensor, points_rc: torch.Tensor) -> torch.Tensor:
+    """Sample ``feat`` [C, H, W] at float (row, col) points [..., 2] -> [..., C].
+
+    Coordinates are clamped to the grid (border values), so patches at the bottom/right edge are valid.
+    """
+    c, h, w = feat.shape
+    shape = points_rc.shape[:-1]
+    pts = points_rc.reshape(-1, 2).to(feat.dtype)
+    rows = pts[:, 0].clamp(0, h - 1)
+    cols = pts[:, 1].clamp(0, w - 1)
+    grid = torch.stack([cols / max(w - 1, 1) * 2 - 1, rows / max(h - 1, 1) * 2 - 1], dim=-1)
+    out = F.grid_sample(feat[None], grid[None, None], mode="bilinear", padding_mode="border", align_corners=True)
+    return out[0, :, 0].t().reshape(*shape, c)
+
+
+def patch_coords(center_rc: torch.Tensor, radius: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Integer (row, col) of the square patch of ``radius`` around int(center), clipped to the grid: [N, 2]."""
+    h, w = grid_hw
+    r0, c0 = int(center_rc[0]), int(center_rc[1])
+    rows = torch.arange(max(0, r0 - radius), min(h, r0 + radius + 1), device=center_rc.device)
+    cols = torch.arange(max(0, c0 - radius), min(w, c0 + radius + 1), device=center_rc.device)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1).float()
+
+
+def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int,
+                            min_distance: float = 2.0) -> torch.Tensor:
+    """sum over handles with |t - p| >= min_distance of (2 r_m + 1)^2 * mean L1(sg(F[q]), F[q + d]).
+
+    ``feat`` [C, H, W] is the current features (with grad); the stop-gradient is on the current features
+    at the patch itself, so the gradient pulls the content one step along d = (t - p)/|t - p|.
+    """
+    loss = feat.new_zeros(())
+    grid_hw = feat.shape[-2:]
+    for p, t in zip(handles, targets):
+        delta = (t - p).to(feat.dtype)
+        dist = delta.norm()
+        if dist < min_distance:
+            continue
+        d = delta / dist
+        q = patch_coords(p, r_m, grid_hw).to(feat.device)
+        source = feat[:, q[:, 0].long(), q[:, 1].long()].t().detach()  # [N, C]
+        moved = bilinear_sample(feat, q + d)  # [N, C]
+        loss = loss + (2 * r_m + 1) ** 2 * F.l1_loss(source, moved)
+    return loss
+
+
+def track_points(feat0: torch.Tensor, feat1: torch.Tensor, handles_init: torch.Tensor, handles: torch.Tensor,
+                 r_p: int) -> torch.Tensor:
+    """Move each handle to the argmin, over a (2 r_p + 1)^2 window around it (clipped), of the L1 distance
+    between ``feat1`` there and ``feat0`` at the handle's original position. Returns new (row, col) [N, 2]."""
+    _, h, w = feat1.shape
+    new = handles.clone()
+    with torch.no_grad():
+        for i in range(handles.shape[0]):
+            r0, c0 = int(handles_init[i, 0]), int(handles_init[i, 1])
+            ref = feat0[:, r0, c0]
+            r, c = int(handles[i, 0]), int(handles[i, 1])
+            r1, r2 = max(0, r - r_p), min(h, r + r_p + 1)
+            c1, c2 = max(0, c - r_p), min(w, c + r_p + 1)
+            window = feat1[:, r1:r2, c1:c2]
+            dist = (window - ref[:, None, None]).abs().sum(0)
+            idx = int(torch.argmin(dist))
+            new[i, 0] = r1 + idx // (c2 - c1)
+            new[i, 1] = c1 + idx % (c2 - c1)
+    return new
+
+
+def handle_distances(handles: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (targets.float() - handles.float()).norm(dim=-1)
+
+
+def all_reached(handles: torch.Tensor, targets: torch.Tensor, stop_distance: float) -> bool:
+    """True when every handle is within ``stop_distance`` grid cells of its target."""
+    return bool((handle_distances(handles, targets) < stop_distance).all())
+
+
+def mask_loss(x_prev: torch.Tensor, x0_prev: torch.Tensor, mask_latent: torch.Tensor, lam: float) -> torch.Tensor:
+    """lam * sum |x_prev - x0_prev| * (1 - M): a sum, not a mean. M = 1 where the image may change."""
+    return lam * ((x_prev - x0_prev).abs() * (1.0 - mask_latent)).sum()
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """H x W {0, 1} mask -> [1, 1, h, w] float, nearest-resized."""
+    return F.interpolate(mask.float()[None, None], size=size, mode="nearest")

@@ -1,0 +1,226 @@
+"""DragSample (image, handles, targets, mask, prompt), its validation, and pixel <-> grid geometry.
+
+Coordinates: pixels (x, y) of the sample's own image at every interface; (row, col) on the supervision
+grid only inside the math (motion.py). Validation runs before any model is loaded.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from .errors import SampleError
+
+
+@dataclass
+class DragSample:
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    handles: list[tuple[float, float]]  # pixels (x, y)
+    targets: list[tuple[float, float]]  # pixels (x, y)
+    mask: np.ndarray | None = None  # H x W uint8 in {0, 1}, 1 = may change; None or all-zero = no constraint
+    prompt: str = ""
+    name: str = "sample"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def points(self) -> list[tuple[float, float]]:
+        """Alternating handle, target, handle, target... as in DragBench's meta_data."""
+        out = []
+        for h, t in zip(self.handles, self.targets):
+            out += [tuple(h), tuple(t)]
+        return out
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None and bool(np.any(self.mask))
+
+    def validate(self) -> "DragSample":
+        validate_sample(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def to_rgb_uint8(img: Image.Image) -> np.ndarray:
+    """Any PIL image (grayscale, RGBA, palette, 16-bit) -> H x W x 3 uint8 RGB. Alpha is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(path: str | Path, field_name: str = "image", sample: str | None = None) -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(field_name, f"file not found: {path}", sample)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb_uint8(img)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SampleError(field_name, f"cannot read {path} as an image ({exc.__class__.__name__}: {exc})", sample) from None
+
+
+def read_mask(path: str | Path, sample: str | None = None) -> np.ndarray:
+    """A mask image: any non-zero pixel (of the first channel / luminance) is editable."""
+    path = Path(path)
+    if not path.exists():
+        raise SampleError("mask", f"file not found: {path}", sample)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SampleError("mask", f"cannot read {path} as an image ({exc})", sample) from None
+    return (arr > 127).astype(np.uint8)
+
+
+def split_points(points: Sequence, sample: str | None = None) -> tuple[list, list]:
+    """[[x, y], ...] alternating handle, target -> (handles, targets)."""
+    try:
+        pts = [(float(p[0]), float(p[1])) for p in points]
+        if any(len(p) != 2 for p in points):
+            raise ValueError
+    except (TypeError, ValueError, IndexError):
+        raise SampleError("points", "expected a list of [x, y] pairs, alternating handle and target", sample) from None
+    if len(pts) == 0:
+        raise SampleError("points", "no points given; expected at least one handle and one target", sample)
+    if len(pts) % 2:
+        raise SampleError("points", f"odd number of points ({len(pts)}); expected handle/target pairs "
+                                    "(handle, target, handle, target, ...)", sample)
+    return pts[0::2], pts[1::2]
+
+
+def parse_points(text) -> list:
+    """Points from the command line: a JSON string '[[x, y], ...]' or an already-parsed list."""
+    if isinstance(text, str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise SampleError("points", f"cannot parse {text!r}; expected JSON like [[120, 80], [160, 80]]") from None
+    return list(text)
+
+
+def make_sample(image, points, mask=None, prompt: str = "", name: str = "sample") -> DragSample:
+    """Build and validate a sample from paths or arrays. Images are converted to RGB, not rejected."""
+    img = read_image(image, "image", name) if isinstance(image, (str, Path)) else _as_rgb_array(image, name)
+    handles, targets = split_points(parse_points(points), name)
+    if isinstance(mask, (str, Path)):
+        m = read_mask(mask, name)
+    elif mask is None:
+        m = None
+    else:
+        m = (np.asarray(mask) > 0).astype(np.uint8)
+        if m.ndim == 3:
+            m = m[..., 0]
+    return DragSample(img, handles, targets, m, prompt or "", name).validate()
+
+
+def _as_rgb_array(image, name) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return to_rgb_uint8(image)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise SampleError("image", f"expected an H x W x 3 array, got shape {arr.shape}", name)
+    if arr.dtype != np.uint8:
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        arr = np.clip(arr.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+    return arr[..., :3].copy()
+
+
+def validate_sample(s: DragSample) -> None:
+    if s.image.ndim != 3 or s.image.shape[2] != 3 or s.image.dtype != np.uint8:
+        raise SampleError("image", f"expected H x W x 3 uint8, got {s.image.shape} {s.image.dtype}", s.name)
+    h, w = s.height, s.width
+    if h < 8 or w < 8:
+        raise SampleError("image", f"image of {w}x{h} px is too small; expected at least 8x8", s.name)
+    if len(s.handles) != len(s.targets) or not s.handles:
+        raise SampleError("points", "expected as many targets as handles, at least one pair", s.name)
+    for kind, pts in (("handle", s.handles), ("target", s.targets)):
+        for i, (x, y) in enumerate(pts):
+            if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+                raise SampleError("points", f"{kind} {i} at (x={x}, y={y}) is outside the image "
+                                            f"(expected 0 <= x <= {w - 1}, 0 <= y <= {h - 1})", s.name)
+    if s.mask is not None:
+        if s.mask.shape != (h, w):
+            raise SampleError("mask", f"mask is {s.mask.shape[1]}x{s.mask.shape[0]} px but the image is {w}x{h}; "
+                                      "expected the same size", s.name)
+    if not isinstance(s.prompt, str):
+        raise SampleError("prompt", f"expected a string, got {type(s.prompt).__name__}", s.name)
+
+
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+def working_size(width: int, height: int, working_width: int) -> tuple[int, int]:
+    """(W, H) of the working image: width ``working_width``, height int(working_width * h / w)."""
+    return working_width, int(working_width * height / width)
+
+
+def grid_size(work_w: int, work_h: int, factor: float) -> tuple[int, int]:
+    """(sup_h, sup_w) of the supervision grid: int(factor * size)."""
+    return int(factor * work_h), int(factor * work_w)
+
+
+def pixels_to_grid(points_xy, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixels (x, y) of an H x W image -> grid (row, col) = round(y/H*gh), round(x/W*gw), as float tensor."""
+    pts = torch.as_tensor(points_xy, dtype=torch.float32).reshape(-1, 2)
+    (h, w), (gh, gw) = image_hw, grid_hw
+    rows = torch.round(pts[:, 1] / h * gh)
+    cols = torch.round(pts[:, 0] / w * gw)
+    return torch.stack([rows, cols], dim=1)
+
+
+def grid_to_pixels(points_rc, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Grid (row, col) -> pixels (x, y) of an H x W image: the inverse scale of ``pixels_to_grid``."""
+    pts = torch.as_tensor(points_rc, dtype=torch.float32).reshape(-1, 2)
+    (h, w), (gh, gw) = image_hw, grid_hw
+    return torch.stack([pts[:, 1] * w / gw, pts[:, 0] * h / gh], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+def draw_drag(image: np.ndarray, handles, targets, mask: np.ndarray | None = None, paths=None) -> Image.Image:
+    """The image with the mask tinted, handles red, targets blue, arrows between them (and paths if given)."""
+    img = Image.fromarray(image).convert("RGB")
+    if mask is not None and np.any(mask):
+        tint = np.asarray(img, dtype=np.float32)
+        m = mask.astype(bool)
+        tint[m] = tint[m] * 0.7 + np.array([255, 255, 255]) * 0.3
+        img = Image.fromarray(tint.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r = max(2, round(min(img.size) / 100))
+    if paths is not None:
+        for path in paths:
+            draw.line([tuple(map(float, p)) for p in path], fill=(255, 200, 0), width=max(1, r // 2))
+    for (hx, hy), (tx, ty) in zip(handles, targets):
+        draw.line([(hx, hy), (tx, ty)], fill=(255, 255, 255), width=max(1, r // 2))
+        draw.ellipse([hx - r, hy - r, hx + r, hy + r], fill=(230, 30, 30))
+        draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=(30, 80, 230))
+    return img
