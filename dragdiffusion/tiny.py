@@ -87,8 +87,23 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny pipeline in memory with weights drawn from ``seed``."""
+# Stable Diffusion 1.5's own sizes, for benchmarks with random weights (no download).
+SD15_UNET_CONFIG = dict(UNET_CONFIG, sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                       sample_size=512)
+SD15_TEXT_CONFIG = dict(TEXT_CONFIG, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
+
+
+def build_sd15_random_pipeline(seed: int = 0):
+    """A full-size SD 1.5-config pipeline with random weights (benchmarks only; about 1 B parameters)."""
+    return build_tiny_pipeline(seed, SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG)
+
+
+def build_tiny_pipeline(seed: int = 0, unet_config: dict | None = None, vae_config: dict | None = None,
+                        text_config: dict | None = None):
+    """Build the tiny pipeline (or another size) in memory with weights drawn from ``seed``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     import tempfile
@@ -99,11 +114,11 @@ def build_tiny_pipeline(seed: int = 0):
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        vae = AutoencoderKL(**VAE_CONFIG)
+        unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
+        vae = AutoencoderKL(**(vae_config or VAE_CONFIG))
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                                    **TEXT_CONFIG))
+                                                    **(text_config or TEXT_CONFIG)))
     finally:
         torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)

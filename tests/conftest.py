@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny model, the shared DragBench subset, small edit settings."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+REPO = Path(__file__).resolve().parents[1]
+DRAGBENCH = REPO.parent / "shared" / "data" / "dragbench-sample"
+
+# Small, fast edit settings for the tiny model (the published defaults are the config's own).
+TINY_EDIT = ["model=tiny", "trainer=cpu", "lora.enabled=false", "drag.width=128", "drag.n_pix_step=8",
+             "quiet=true"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from dragdiffusion.tiny import ensure_tiny_model
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def dragbench_dir() -> Path:
+    if not DRAGBENCH.is_dir():
+        pytest.skip(f"the shared DragBench subset is not at {DRAGBENCH}")
+    return DRAGBENCH
+
+
+@pytest.fixture(scope="session")
+def tiny_editor(tiny_model_dir):
+    """One DragEditor on the tiny model; tests change ``editor.cfg`` copies, not this one."""
+    from dragdiffusion.editor import DragEditor
+    return DragEditor.from_config(REPO / "configs" / "edit.yaml", TINY_EDIT)
+
+
+def editor_with(base, overrides: list[str]):
+    """A DragEditor sharing ``base``'s loaded backbone with extra overrides."""
+    from dragdiffusion.config import load_config
+    from dragdiffusion.editor import DragEditor
+    cfg = load_config(REPO / "configs" / "edit.yaml", TINY_EDIT + list(overrides))
+    return DragEditor(cfg, backbone=base.backbone)

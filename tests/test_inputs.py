@@ -1,0 +1,100 @@
+"""Bad input gets a clear error before any model loads; odd images are converted, not rejected."""
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edit as edit_cli
+from dragdiffusion.config import load_config
+from dragdiffusion.errors import ConfigError, SampleError
+from dragdiffusion.sample import make_sample
+
+NO_MODEL = ["model.name_or_path=/nonexistent/model/folder", "lora.enabled=false"]
+
+
+def rgb(h=40, w=60):
+    return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def cli(tmp_path, *overrides):
+    return edit_cli.main(["--config", "configs/edit.yaml", *NO_MODEL, f"out={tmp_path}/out", *overrides])
+
+
+def test_odd_number_of_points(tmp_path, capsys):
+    Image.fromarray(rgb()).save(tmp_path / "a.png")
+    assert cli(tmp_path, f"image={tmp_path}/a.png", "points=[[1,2],[3,4],[5,6]]") == 2
+    err = capsys.readouterr().err
+    assert "points" in err and "odd number" in err and "Traceback" not in err
+
+
+def test_points_outside_the_image(tmp_path, capsys):
+    Image.fromarray(rgb()).save(tmp_path / "a.png")
+    assert cli(tmp_path, f"image={tmp_path}/a.png", "points=[[1,2],[70,4]]") == 2
+    err = capsys.readouterr().err
+    assert "target 0" in err and "outside the image" in err
+
+
+def test_mask_of_another_size(tmp_path, capsys):
+    Image.fromarray(rgb()).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "m.png")
+    assert cli(tmp_path, f"image={tmp_path}/a.png", "points=[[1,2],[3,4]]", f"mask={tmp_path}/m.png") == 2
+    assert "mask" in capsys.readouterr().err
+
+
+def test_unreadable_image(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"not a png at all")
+    assert cli(tmp_path, f"image={tmp_path}/a.png", "points=[[1,2],[3,4]]") == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    assert cli(tmp_path, "drag.n_pix_stepz=3") == 2
+    assert "drag.n_pix_stepz" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="drag.width"):
+        load_config("configs/edit.yaml", ["drag.width=100"])
+    with pytest.raises(ConfigError, match="model=nope"):
+        load_config("configs/edit.yaml", ["model=nope"])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "LA"])
+def test_grayscale_rgba_16bit_are_converted(tmp_path, mode):
+    base = Image.fromarray(rgb())
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257), mode="I;16")
+    else:
+        img = base.convert(mode)
+    img.save(tmp_path / "x.png")
+    s = make_sample(tmp_path / "x.png", [[1, 2], [3, 4]])
+    assert s.image.shape == (40, 60, 3) and s.image.dtype == np.uint8
+    if mode == "I;16":  # 16-bit values are scaled down, not clipped
+        gray = np.asarray(base.convert("L")).astype(int)
+        assert np.abs(s.image[..., 0].astype(int) - gray).max() <= 1
+
+
+def test_empty_points_and_nonnumeric_points():
+    with pytest.raises(SampleError, match="points"):
+        make_sample(rgb(), [])
+    with pytest.raises(SampleError, match="points"):
+        make_sample(rgb(), [["a", 1], [2, 3]])
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_editor):
+    from dragdiffusion.backbone import encode_prompt
+    with pytest.warns(UserWarning, match="truncated"):
+        emb = encode_prompt(tiny_editor.backbone, "a very long prompt " * 40)
+    assert emb.shape[1] == 77
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompt(tiny_editor.backbone, "short prompt")
+
+
+def test_missing_model_error_says_what_was_looked_for():
+    from dragdiffusion.backbone import load_backbone
+    from dragdiffusion.errors import ModelLoadError
+    cfg = load_config("configs/edit.yaml", ["model.name_or_path=some-org/not-a-model", "model.local_files_only=true"])
+    with pytest.raises(ModelLoadError, match="model=tiny"):
+        load_backbone(cfg.model)
+    cfg = load_config("configs/edit.yaml", ["model.name_or_path=/tmp/definitely-missing.safetensors"])
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_backbone(cfg.model)
