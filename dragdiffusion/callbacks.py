@@ -4,7 +4,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from .errors import DragError
 from .motion import all_reached, mask_loss, track_points
+from .sample import grid_to_pixels
 
 
 class PointTracking(L.Callback):
@@ -43,3 +45,33 @@ class MaskRegularization(L.Callback):
 
     def loss(self, module, x_prev: torch.Tensor) -> torch.Tensor:
         return mask_loss(x_prev, module.x0_prev, module.mask_latent, self.lam)
+
+
+class EditCancelled(DragError):
+    """The edit was cancelled (by the user, through ``ProgressReporter.should_cancel``)."""
+
+
+class ProgressReporter(L.Callback):
+    """Reports every step of a fit to ``report(stage, step, total, handles)`` and stops a cancelled one.
+
+    ``stage`` is "drag" for the drag module (``handles``: the current handles in pixels (x, y) of an image of
+    ``image_hw``) and "lora" otherwise (``handles`` None). ``should_cancel()`` is asked before every step;
+    when true the fit stops with EditCancelled. Used by the browser app for live progress and its cancel.
+    """
+
+    def __init__(self, report, image_hw: tuple[int, int] | None = None, should_cancel=None):
+        self.report = report
+        self.image_hw = image_hw
+        self.should_cancel = should_cancel or (lambda: False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.should_cancel():
+            raise EditCancelled("cancelled")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        handles = getattr(pl_module, "handles", None)
+        if handles is None or self.image_hw is None:
+            self.report("lora", trainer.global_step, trainer.max_steps, None)
+            return
+        xy = grid_to_pixels(handles.detach().cpu(), self.image_hw, pl_module.grid_hw)
+        self.report("drag", len(pl_module.history["handles"]), trainer.max_steps, xy.tolist())

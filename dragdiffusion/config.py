@@ -47,6 +47,8 @@ class LoraConfig:
     resolution: int = 512
     save_every: int = 0  # write intermediate LoRA files every N steps (0 = only the final one)
     seed: int = 0
+    cache_latents: bool = True  # VAE-encode the image once and crop views in latent space (false: every view, every step)
+    gradient_checkpointing: bool = False  # recompute UNet activations in the backward: far less memory, ~30% slower
 
 
 @dataclass
@@ -96,7 +98,28 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     run_name: Optional[str] = None
     save_dir: str = "logs"
-    image_every: int = 10  # trajectory image every K drag steps
+    image_every: int = 10  # trajectory image every K drag steps (0 = only at the end)
+    image_source: str = "input"  # trajectory drawn on: input | estimate (decoded x0 of z_t: +1 UNet, +1 VAE call)
+
+
+@dataclass
+class GenerationConfig:
+    """The generated-image path (``generate=true``): the image is sampled from ``prompt``, then dragged."""
+    seed: int = 42  # seed of the initial noise
+    guidance_scale: float = 7.5  # classifier-free guidance of the sampling (and of the drag's features)
+    steps: int = 50  # DDIM sampling steps; the drag works on the latent kept at drag.inversion_strength
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+
+
+@dataclass
+class AppConfig:
+    """The browser app (python -m dragdiffusion.app): bound to this machine unless asked otherwise."""
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False  # a public gradio.live link only when asked
+    max_queue: int = 16  # requests waiting beyond this are refused; device jobs run one at a time
 
 
 @dataclass
@@ -114,9 +137,15 @@ class EditConfig:
     points: Optional[list[Any]] = None  # [[x, y], ...] alternating handle, target (pixels of the input image)
     mask: Optional[str] = None
     prompt: Optional[str] = None
+    generate: bool = False  # sample the image from `prompt` (generation.*) instead of reading one
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    app: AppConfig = field(default_factory=AppConfig)
     out: str = "outputs"
+    lora_dir: Optional[str] = None  # data=DIR with lora.enabled: reuse <lora_dir>/<sample>/pytorch_lora_weights.safetensors
     seed: int = 42
     quiet: bool = False
+    evaluate: bool = False  # after a data=DIR batch run, evaluate the results (DragBench MD / IF)
+    evaluate_overrides: list[str] = field(default_factory=list)  # key=value items for configs/evaluate.yaml
 
 
 @dataclass
@@ -129,6 +158,43 @@ class LoraTrainConfig:
     prompt: Optional[str] = None
     data: Optional[str] = None
     out: str = "outputs/lora"
+    ckpt_path: Optional[str] = None  # resume from a Lightning checkpoint (written every lora.save_every steps)
+    quiet: bool = False
+
+
+@dataclass
+class MeanDistanceConfig:
+    """DragBench Mean Distance: DIFT point matching between the source and the edited image."""
+    t: int = 261  # DIFT timestep
+    up_block: int = 1  # DIFT features: output of unet.up_blocks[up_block]
+    ensemble_size: int = 8  # noises averaged per image
+    width: Optional[int] = None  # DIFT working width (height keeps the aspect); None = each image's own size
+    search: str = "full"  # full | mask (m-MD: search matches only inside the sample's mask)
+    normalize: str = "none"  # none | diagonal (distance / image diagonal)
+    seed: int = 0  # mixed with each sample's name: the noise of a sample never depends on order or devices
+    chunk_rows: int = 64  # image rows matched at once (memory bound only; results do not depend on it)
+
+
+@dataclass
+class ImageFidelityConfig:
+    """DragBench Image Fidelity: 1 - LPIPS between the source and the edited image."""
+    enabled: bool = True
+    net: str = "alex"  # LPIPS backbone: alex | vgg | squeeze
+    size: int = 224  # both images are resized to size x size
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="stabilityai/stable-diffusion-2-1"))
+    mean_distance: MeanDistanceConfig = field(default_factory=MeanDistanceConfig)
+    image_fidelity: ImageFidelityConfig = field(default_factory=ImageFidelityConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    results: Optional[str] = None  # results folder laid out as the data: <category>/<sample>/<result_name>
+    data: Optional[str] = None  # the dataset (DragBench layout or ours)
+    result_name: str = "dragged_image.png"
+    resize_mismatched: bool = False  # resize an edited image of another size to the source's (else reported)
+    out: Optional[str] = None  # where the tables go (default: the results folder)
     quiet: bool = False
 
 
@@ -217,9 +283,44 @@ def validate_config(cfg: DictConfig) -> None:
         check(cfg.logger.name in ("none", "wandb", "tensorboard", "csv"), "logger.name",
               "one of none, wandb, tensorboard, csv")
         check(cfg.logger.mode in ("online", "offline", "disabled"), "logger.mode", "online, offline or disabled")
+        check(cfg.logger.image_every >= 0, "logger.image_every", "a non-negative integer (0 = only at the end)")
+        check(cfg.logger.image_source in ("input", "estimate"), "logger.image_source", "input or estimate")
+    if cfg.get("evaluate"):
+        check(bool(cfg.data), "evaluate", "evaluate=true only with a batch run: data=DIR")
+    if "mean_distance" in cfg:
+        m = cfg.mean_distance
+        check(0 <= m.t <= 999, "mean_distance.t", "a timestep in 0..999")
+        check(0 <= m.up_block <= 3, "mean_distance.up_block", "an up_blocks index in 0..3")
+        check(m.ensemble_size >= 1, "mean_distance.ensemble_size", "a positive integer")
+        check(m.width is None or (m.width >= 8 and m.width % 8 == 0), "mean_distance.width",
+              "null (each image's own size) or a multiple of 8, at least 8")
+        check(m.search in ("full", "mask"), "mean_distance.search", "full or mask")
+        check(m.normalize in ("none", "diagonal"), "mean_distance.normalize", "none or diagonal")
+        check(m.chunk_rows >= 1, "mean_distance.chunk_rows", "a positive integer")
+    if "image_fidelity" in cfg:
+        check(cfg.image_fidelity.net in ("alex", "vgg", "squeeze"), "image_fidelity.net", "alex, vgg or squeeze")
+        check(cfg.image_fidelity.size >= 32, "image_fidelity.size", "an image size of at least 32")
+    if "generation" in cfg:
+        g = cfg.generation
+        check(g.guidance_scale >= 1.0, "generation.guidance_scale", "a number >= 1.0")
+        check(g.steps >= 1, "generation.steps", "a positive integer")
+        check(g.width >= 64 and g.width % 8 == 0, "generation.width", "a multiple of 8, at least 64")
+        check(g.height >= 64 and g.height % 8 == 0, "generation.height", "a multiple of 8, at least 64")
+    if "app" in cfg:
+        check(0 <= cfg.app.port <= 65535, "app.port", "a port number in 0..65535 (0 = any free port)")
+        check(cfg.app.max_queue >= 1, "app.max_queue", "a positive integer")
     if "lora" in cfg:
         check(cfg.lora.rank >= 1, "lora.rank", "a positive integer")
         check(cfg.lora.steps >= 0, "lora.steps", "a non-negative integer")
+        check(cfg.lora.alpha > 0, "lora.alpha", "a positive number")
+        check(cfg.lora.lr > 0, "lora.lr", "a positive number")
+        check(cfg.lora.batch_size >= 1, "lora.batch_size", "a positive integer")
+        check(cfg.lora.resolution >= 64 and cfg.lora.resolution % 8 == 0, "lora.resolution",
+              "a multiple of 8, at least 64")
+        check(cfg.lora.save_every >= 0, "lora.save_every", "a non-negative integer (0 = final file only)")
+        check(len(cfg.lora.betas) == 2 and all(0 <= b < 1 for b in cfg.lora.betas), "lora.betas",
+              "two numbers in [0, 1)")
+        check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "a non-empty list of layer names")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -15,6 +15,17 @@ from .features import unet_eps_and_features
 from .motion import handle_distances, motion_supervision_loss
 
 
+def cfg_feature_weight(guidance_scale: float) -> float:
+    """c = s / (2s - 1): the weight of the conditional features under classifier-free guidance s."""
+    return guidance_scale / (2 * guidance_scale - 1)
+
+
+def mix_guided_features(f_uncond: torch.Tensor, f_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Features of a guided forward: ((1 - c) F_uncond, c F_cond) concatenated on channels (dim -3)."""
+    c = cfg_feature_weight(guidance_scale)
+    return torch.cat([(1 - c) * f_uncond, c * f_cond], dim=-3)
+
+
 class _Steps(torch.utils.data.Dataset):
     def __init__(self, n: int):
         self.n = n
@@ -36,11 +47,18 @@ class DragEditModule(L.LightningModule):
         cond: prompt embedding [1, 77, D] (or [2, 77, D] uncond+cond with ``guidance_scale`` > 1).
         handles, targets: (row, col) on the supervision grid, [N, 2].
         drag: the ``drag`` config section.
+        guidance_scale: classifier-free guidance s of a generated image (cond then holds uncond, cond):
+            features are ``mix_guided_features`` of both halves, eps is the guided prediction.
     """
 
     def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
-                 targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None):
+                 targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None,
+                 guidance_scale: float = 1.0):
         super().__init__()
+        if guidance_scale > 1 and cond.shape[0] != 2:
+            raise ValueError("guidance_scale > 1 needs cond = [uncond, cond] (2 rows), got "
+                             f"{cond.shape[0]} row(s)")
+        self.guidance_scale = float(guidance_scale)
         object.__setattr__(self, "unet", unet)  # not a submodule: frozen, not saved, not wrapped
         self.scheduler = scheduler
         self.t = int(t)
@@ -65,9 +83,18 @@ class DragEditModule(L.LightningModule):
     def eps_and_features(self, z: torch.Tensor, need_eps: bool = True):
         """(eps, features [C, gh, gw]) for one latent; the feature grid of the configured up_blocks."""
         cond = self.cond
+        guided = self.guidance_scale > 1
+        if guided:
+            z = torch.cat([z, z])
         eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, cond, list(self.drag.feature_blocks),
                                            self.grid_hw, need_eps=need_eps)
-        return (None if eps is None else eps.float()), feats[0]
+        eps = None if eps is None else eps.float()
+        if not guided:
+            return eps, feats[0]
+        if eps is not None:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+        return eps, mix_guided_features(feats[0], feats[1], self.guidance_scale)
 
     def x_prev(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return ddim_step(self.scheduler, eps, self.t, z)

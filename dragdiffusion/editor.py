@@ -5,6 +5,7 @@ reference-latent control -> image of the input's size + trajectory.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .callbacks import MaskRegularization, PointTracking
 from .config import EditConfig, load_config, to_yaml
 from .ddim import ddim_denoise, ddim_invert, inversion_timesteps
 from .drag import DragEditModule
+from .loggers import TrajectoryLogger, log_edit_result
 from .io import save_json, save_png, save_text
 from .motion import resize_mask
 from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, pixels_to_grid, working_size
@@ -49,6 +51,15 @@ class EditResult:
         save_png(out / "dragged_image.png", self.image)  # last: its presence marks a finished sample
         return out
 
+    def save_replay(self, folder: str | Path, config: DictConfig) -> Path:
+        """The edit as a sample folder of our format: image.png, mask.png, drag.json and config.yaml (the inputs
+        cleared). ``python edit.py --config FOLDER/config.yaml sample=FOLDER`` runs it again to the same image."""
+        from .data.convert import write_folder_sample
+        folder = write_folder_sample(self.sample, folder)
+        inputs_cleared = {"sample": None, "data": None, "image": None, "points": None, "mask": None}
+        save_text(Path(folder) / "config.yaml", to_yaml(OmegaConf.merge(config, inputs_cleared)))
+        return Path(folder)
+
 
 def to_tensor_image(image: np.ndarray, size_wh: tuple[int, int]) -> torch.Tensor:
     """uint8 H x W x 3 -> [1, 3, h, w] in [-1, 1], bilinear-resized to ``size_wh``."""
@@ -69,14 +80,21 @@ def to_uint8_image(x: torch.Tensor, size_wh: tuple[int, int]) -> np.ndarray:
 
 def make_trainer(trainer_cfg, max_steps: int, callbacks, logger=False, device: torch.device | None = None,
                  quiet: bool = False) -> L.Trainer:
-    """The Lightning Trainer of one drag optimization (single device: gradients are never shared)."""
+    """The Lightning Trainer of one drag optimization (single device: gradients are never shared).
+
+    It may run inside a process of a multi-device batch run (``batch.py``: DDP, torchrun, SLURM). The explicit
+    ``LightningEnvironment`` keeps it out of that cluster: without it Lightning detects SLURM/torchelastic from
+    the environment variables, and this inner loop would install SLURM's requeue signal handlers of its own.
+    Device, signals and requeueing belong to the outer Trainer; this one is one device, one process.
+    """
+    from lightning.pytorch.plugins.environments import LightningEnvironment
     accelerator = str(trainer_cfg.accelerator)
     devices: object = 1
     if device is not None:
         accelerator = "gpu" if device.type == "cuda" else device.type
         devices = [device.index or 0] if device.type == "cuda" else 1
     return L.Trainer(
-        accelerator=accelerator, devices=devices, strategy="auto", num_nodes=1,
+        accelerator=accelerator, devices=devices, strategy="auto", num_nodes=1, plugins=[LightningEnvironment()],
         precision=str(trainer_cfg.precision), max_steps=max_steps, max_epochs=1, callbacks=list(callbacks),
         logger=logger, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=int(trainer_cfg.log_every_n_steps),
@@ -111,17 +129,27 @@ class DragEditor:
         return self.backbone.device
 
     # ---------------------------------------------------------------- stages
+    def autocast(self):
+        """Autocast for inversion and denoising, following ``trainer.precision`` (the drag loop's is Lightning's)."""
+        precision = str(self.cfg.trainer.precision)
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        device_type = self.device.type
+        if dtype is None or (device_type == "cpu" and dtype == torch.float16):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
     def unet_fn(self):
         unet = self.backbone.unet
-        return lambda z, t, c: unet(z.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
 
-    def prepare_lora(self, sample: DragSample, out_dir: Path | None = None) -> str | None:
+        def fn(z, t, c):
+            with self.autocast():
+                return unet(z.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
+        return fn
+
+    def prepare_lora(self, sample: DragSample, out_dir: Path | None = None, logger=False, callbacks=()) -> str | None:
         """Load ``lora.path``, or train the identity LoRA when ``lora.enabled``; returns the file used."""
-        cfg = self.cfg.lora
-        if not cfg.path and not cfg.enabled:
-            return None
-        from . import lora as lora_lib  # the identity-LoRA stage
-        return lora_lib.prepare_for_edit(self, sample, out_dir)
+        from . import lora as lora_lib  # the identity-LoRA stage (also removes a previous sample's LoRA)
+        return lora_lib.prepare_for_edit(self, sample, out_dir, logger, callbacks)
 
     def invert(self, image: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
         """(z0, z_t, t, denoise timesteps) for a [1, 3, H, W] image in [-1, 1]."""
@@ -134,10 +162,11 @@ class DragEditor:
         return z0, z_t, denoise_ts[0], denoise_ts
 
     def drag_latent(self, z_t, t, cond, handles_rc, targets_rc, grid_hw, mask_latent=None, callbacks=(),
-                    logger=False) -> DragEditModule:
+                    logger=False, guidance_scale: float = 1.0) -> DragEditModule:
+        """Optimize z_t; ``guidance_scale`` > 1 (a generated image) needs ``cond`` = [uncond, cond]."""
         d = self.cfg.drag
         module = DragEditModule(self.backbone.unet, self.backbone.scheduler, z_t, t, cond, handles_rc, targets_rc,
-                                grid_hw, d, mask_latent)
+                                grid_hw, d, mask_latent, guidance_scale=guidance_scale)
         cbs = list(callbacks)
         if d.point_tracking:
             cbs.append(PointTracking(d.r_p, d.stop_distance))
@@ -151,9 +180,11 @@ class DragEditor:
                 trainer.fit(module)
         return module
 
-    def denoise(self, z_t, z_edit, cond, timesteps, uncond=None) -> torch.Tensor:
+    def denoise(self, z_t, z_edit, cond, timesteps, uncond=None, guidance_scale: float | None = None) -> torch.Tensor:
+        """Denoise [z_t, z_edit] with reference control; guidance ``drag.guidance_scale`` unless given."""
         r = self.cfg.reference
         sched = self.backbone.scheduler
+        scale = self.cfg.drag.guidance_scale if guidance_scale is None else guidance_scale
         z = torch.cat([z_t, z_edit]).float()
         window = StepWindow(r.start_step, r.end_step)
         prefixes = list(r.layers) if r.enabled else []
@@ -161,17 +192,35 @@ class DragEditor:
         def on_step(i, t):
             window.step = i
 
+        unet_fn = self.unet_fn()
+        if scale > 1 and uncond is not None:
+            # guidance batches [uncond rows, cond rows]: run each half alone so every forward keeps the
+            # [original, edited] layout that the reference control expects
+            plain = unet_fn
+            unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), c.chunk(2))])
         with reference_control(self.backbone.unet, prefixes, window):
-            z = ddim_denoise(self.unet_fn(), sched, z, cond, timesteps, uncond, self.cfg.drag.guidance_scale, on_step)
+            z = ddim_denoise(unet_fn, sched, z, cond, timesteps, uncond, scale, on_step)
         return z
 
+    # ---------------------------------------------------------------- generated images (generated.py)
+    def generate(self, prompt: str | None = None):
+        """Sample an image from ``prompt`` (``generation.*``), keeping the latent at the drag timestep."""
+        from .generated import generate
+        return generate(self, prompt)
+
+    def edit_generated(self, generated, points, mask=None, callbacks=(), logger=False) -> "EditResult":
+        """Drag a ``GeneratedImage`` without inversion (points: [[x, y], ...] alternating handle, target)."""
+        from .generated import edit_generated
+        return edit_generated(self, generated, points, mask, callbacks, logger)
+
     # ---------------------------------------------------------------- the whole edit
-    def edit(self, sample: DragSample, callbacks=(), logger=False, out_dir: str | Path | None = None) -> EditResult:
+    def edit(self, sample: DragSample, callbacks=(), logger=False, out_dir: str | Path | None = None,
+             lora_callbacks=()) -> EditResult:
+        """``callbacks``: extra callbacks of the drag Trainer; ``lora_callbacks``: of the LoRA Trainer."""
         sample.validate()
         d = self.cfg.drag
         L.seed_everything(int(self.cfg.seed), verbose=False)
         seconds: dict[str, float] = {}
-        tic = time.perf_counter()
         work_w, work_h = working_size(sample.width, sample.height, d.width)
         grid_hw = grid_size(work_w, work_h, d.sup_res_factor)
         # pixels of the input -> grid: the scale is linear, so the input size maps straight to the grid
@@ -179,7 +228,8 @@ class DragEditor:
         targets_rc = pixels_to_grid(sample.targets, (sample.height, sample.width), grid_hw)
 
         backbone = self.backbone
-        lora_file = self.prepare_lora(sample, Path(out_dir) if out_dir else None)
+        tic = time.perf_counter()
+        lora_file = self.prepare_lora(sample, Path(out_dir) if out_dir else None, logger, lora_callbacks)
         seconds["lora"] = time.perf_counter() - tic
         cond = encode_prompt(backbone, sample.prompt)
         uncond = encode_prompt(backbone, "") if d.guidance_scale > 1 else None
@@ -194,9 +244,9 @@ class DragEditor:
             mask_latent = resize_mask(torch.from_numpy(sample.mask), tuple(z_t.shape[-2:])).to(backbone.device)
         tic = time.perf_counter()
         module = self.drag_latent(z_t, t, cond, handles_rc.to(backbone.device), targets_rc.to(backbone.device),
-                                  grid_hw, mask_latent, callbacks, logger)
+                                  grid_hw, mask_latent, self.logging_callbacks(sample, callbacks, logger),
+                                  logger or False)
         seconds["drag"] = time.perf_counter() - tic
-        iterations = len(module.history["loss"])
 
         tic = time.perf_counter()
         z = self.denoise(z_t, module.edited_latent(), cond, denoise_ts, uncond)
@@ -204,26 +254,42 @@ class DragEditor:
         seconds["denoise"] = time.perf_counter() - tic
         out_image = to_uint8_image(edited, (sample.width, sample.height))
 
-        to_px = lambda rc: grid_to_pixels(torch.tensor(rc), (sample.height, sample.width), grid_hw).tolist()
-        trajectory = {
-            "sample": sample.name,
-            "image_size": [sample.width, sample.height],
-            "working_size": [work_w, work_h],
-            "grid_size": [grid_hw[1], grid_hw[0]],
-            "t": int(t),
-            "targets": [list(map(float, p)) for p in sample.targets],
-            "handles": [to_px(h) for h in module.history["handles"]],
-            "motion_loss": module.history["motion_loss"],
-            "mask_loss": module.history["mask_loss"],
-            "loss": module.history["loss"],
-            "iterations": iterations,
-            "stopped_early": bool(module.reached),
-            "stop_step": module.stop_step,
-            "final_distance_px": _final_distance(module, sample, grid_hw),
-            "lora": lora_file,
-            "seconds": seconds,
-        }
-        return EditResult(out_image, trajectory, sample, seconds, z_t.detach().cpu(), module.edited_latent().cpu())
+        trajectory = edit_trajectory(module, sample, (work_w, work_h), grid_hw, t, lora_file, seconds)
+        result = EditResult(out_image, trajectory, sample, seconds, z_t.detach().cpu(), module.edited_latent().cpu())
+        log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
+        return result
+
+    def logging_callbacks(self, sample: DragSample, callbacks, logger) -> list:
+        """``callbacks`` + a TrajectoryLogger (``logger.image_every``, ``logger.image_source``) when logging."""
+        cbs = list(callbacks)
+        if logger and not any(isinstance(c, TrajectoryLogger) for c in cbs):
+            lg = self.cfg.logger
+            decode = (lambda z: decode_latent(self.backbone, z)) if lg.image_source == "estimate" else None
+            cbs.append(TrajectoryLogger(sample, lg.image_every, decode))
+        return cbs
+
+
+def edit_trajectory(module: DragEditModule, sample: DragSample, work_wh, grid_hw, t: int, lora_file, seconds) -> dict:
+    """trajectory.json: handles in input-image pixels per iteration, the loss terms, the stop and timings."""
+    to_px = lambda rc: grid_to_pixels(torch.tensor(rc), (sample.height, sample.width), grid_hw).tolist()
+    return {
+        "sample": sample.name,
+        "image_size": [sample.width, sample.height],
+        "working_size": list(work_wh),
+        "grid_size": [grid_hw[1], grid_hw[0]],
+        "t": int(t),
+        "targets": [list(map(float, p)) for p in sample.targets],
+        "handles": [to_px(h) for h in module.history["handles"]],
+        "motion_loss": module.history["motion_loss"],
+        "mask_loss": module.history["mask_loss"],
+        "loss": module.history["loss"],
+        "iterations": len(module.history["loss"]),
+        "stopped_early": bool(module.reached),
+        "stop_step": module.stop_step,
+        "final_distance_px": _final_distance(module, sample, grid_hw),
+        "lora": lora_file,
+        "seconds": seconds,
+    }
 
 
 def _final_distance(module: DragEditModule, sample: DragSample, grid_hw) -> list[float]:

@@ -1,0 +1,311 @@
+"""Batch runs over a dataset, split across devices and nodes by Lightning: ``edit.py data=DIR``.
+
+  python edit.py data=DragBench out=outputs/dragbench trainer.devices=4            # 4 GPUs, one node
+  srun python edit.py data=DragBench trainer.devices=4 trainer.num_nodes=2         # SLURM; torchrun works too
+
+How it runs:
+- Every sample is checked up front (``data.validate``) and the report printed before any model loads. A
+  meta_data.pkl that would run code refuses the whole dataset (exit 2, nothing runs); an invalid sample is
+  reported as failed and the others go on.
+- An outer Trainer ``predict`` (strategy, cluster environment and launcher from ``trainer.*``: DDP on N
+  devices, SLURM or torchrun) gives each process its share of the samples (``DragDataModule``: no padding,
+  each sample once). ``predict_step`` runs the per-sample job (``DragEditor.edit``, which drives its own
+  single-device Trainer). Predict never wraps the model in DistributedDataParallel and the per-sample drag
+  module lives on one device, so no gradient is ever averaged across ranks.
+- Outputs mirror the input tree: ``<out>/<category>/<sample>/`` (``EditResult.save``: atomic writes,
+  dragged_image.png last). Rows of all ranks are gathered to rank 0, which writes ``<out>/summary.json`` and
+  ``summary.csv`` (sample, status ok/failed/skipped, iterations, final distance, seconds, error).
+- Resume: a sample whose dragged_image.png and trajectory.json exist is skipped; the rest are (re)done.
+- A failing sample (bad data, non-finite loss, out of memory) is recorded and the run goes on; the exit
+  status is 1 when any sample failed.
+
+One sample per ``predict_step`` (batch size 1): samples have different sizes and drag iterations, so a
+shared forward pass over several samples is not done.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from .data.datamodule import DragDataModule
+from .data.validate import check_dataset, format_report
+from .errors import ConfigError, DragError, UnsafePickleError
+from .io import save_json, save_text
+from .loggers import close_logger, edit_media, log_batch_results, make_logger
+from .lora import WEIGHT_NAME as LORA_WEIGHTS
+
+SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "seconds", "error", "rank")
+
+
+class NonFiniteResultError(DragError):
+    """The drag loss or the edited latent became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------- small pieces
+
+def edit_finished(folder: Path) -> bool:
+    """A finished edit: dragged_image.png (written last) and trajectory.json are both there."""
+    return (folder / "dragged_image.png").is_file() and (folder / "trajectory.json").is_file()
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Temporary files of atomic writes that a killed run left behind (io.atomic_write_bytes names)."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def check_finite(trajectory: dict, z_edited: torch.Tensor | None) -> None:
+    """Raise NonFiniteResultError when a drag loss or the edited latent is NaN/inf."""
+    for i, loss in enumerate(trajectory.get("loss", [])):
+        if not math.isfinite(loss):
+            raise NonFiniteResultError(f"drag loss is {loss} at iteration {i}; try a smaller drag.lr or "
+                                       "trainer.precision=32")
+    if z_edited is not None and not bool(torch.isfinite(z_edited).all()):
+        raise NonFiniteResultError("the edited latent holds NaN/inf values")
+
+
+def find_lora(name: str, out_root: Path, lora_dir: str | None) -> Path | None:
+    """A LoRA already on disk for sample ``name``: in ``lora_dir`` (train.py data=... layout) or a previous run's."""
+    candidates = []
+    if lora_dir:
+        candidates += [Path(lora_dir) / name / LORA_WEIGHTS, Path(lora_dir) / name / "lora" / LORA_WEIGHTS]
+    candidates.append(out_root / name / "lora" / LORA_WEIGHTS)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def mean_or_none(values) -> float | None:
+    values = [float(v) for v in values or []]
+    return sum(values) / len(values) if values else None
+
+
+def row(name: str, status: str, iterations=None, distance=None, seconds=None, error=None, rank=None) -> dict:
+    """One line of the summary; ``final_distance_px`` is the mean over the sample's handles, ``rank`` the process."""
+    return {"sample": name, "status": status, "iterations": iterations, "final_distance_px": distance,
+            "seconds": None if seconds is None else round(float(seconds), 3), "error": error, "rank": rank}
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- per-sample jobs
+
+class EditJob:
+    """One drag edit per sample with ``DragEditor.edit``; finished = dragged_image.png + trajectory.json."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out_root = Path(cfg.out)
+        self.backbone = None
+        self.media: dict[str, dict] = {}  # thumbnails + curves of this process's samples, for the logger's table
+
+    def is_done(self, name: str) -> bool:
+        return edit_finished(self.out_root / name)
+
+    def setup(self, device: torch.device) -> None:
+        from .backbone import load_backbone
+        if self.backbone is None:
+            self.backbone = load_backbone(self.cfg.model, device)
+
+    def sample_config(self, name: str) -> DictConfig:
+        """The run's config; in pipeline mode (lora.enabled) with a LoRA already on disk, that LoRA is loaded."""
+        lora = find_lora(name, self.out_root, self.cfg.get("lora_dir")) if self.cfg.lora.enabled and \
+            not self.cfg.lora.path else None
+        return OmegaConf.merge(self.cfg, {"lora": {"path": str(lora)}}) if lora else self.cfg
+
+    def run(self, sample, name: str) -> dict:
+        from .editor import DragEditor
+        out = self.out_root / name
+        cfg = self.sample_config(name)
+        editor = DragEditor(cfg, backbone=self.backbone)
+        with torch.enable_grad():  # predict runs under no_grad; the drag optimization needs autograd
+            result = editor.edit(sample, out_dir=out)
+        check_finite(result.trajectory, result.z_edited)
+        remove_stale_temp_files(out)
+        result.save(out, cfg)
+        if cfg.logger.name != "none":
+            self.media[name] = edit_media(result)
+        t = result.trajectory
+        return {"iterations": t["iterations"], "final_distance_px": mean_or_none(t["final_distance_px"])}
+
+    def finished_row(self, name: str) -> dict:
+        """The row of a sample finished by an earlier run (figures read back from its trajectory.json)."""
+        try:
+            t = json.loads((self.out_root / name / "trajectory.json").read_text())
+            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")))
+        except (OSError, ValueError):
+            return row(name, "skipped")
+
+
+class LoraJob:
+    """One identity LoRA per sample (``train.py data=DIR``): ``<out>/<sample>/pytorch_lora_weights.safetensors``."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out_root = Path(cfg.out)
+        self.backbone = None
+
+    def is_done(self, name: str) -> bool:
+        return (self.out_root / name / LORA_WEIGHTS).is_file()
+
+    def setup(self, device: torch.device) -> None:
+        from .backbone import load_backbone
+        if self.backbone is None:
+            self.backbone = load_backbone(self.cfg.model, device)
+
+    def run(self, sample, name: str) -> dict:
+        from .lora import train_lora_for_sample
+        with torch.enable_grad():
+            # no run per sample: the job's one run (rank 0) gets the table of all samples
+            cfg = OmegaConf.merge(self.cfg, {"logger": {"name": "none"}})
+            train_lora_for_sample(cfg, sample, self.out_root / name, self.backbone)
+        return {}
+
+    def finished_row(self, name: str) -> dict:
+        return row(name, "skipped")
+
+
+def run_item(job, item: dict, rank: int = 0) -> dict:
+    """Run ``job`` on one dataset item; any failure becomes a ``failed`` row instead of stopping the run."""
+    tic = time.perf_counter()
+    name = item["name"]
+    if item["error"]:  # could not be read (it changed since validation)
+        return row(name, "failed", seconds=0.0, error=item["error"], rank=rank)
+    try:
+        figures = job.run(item["sample"], name)
+    except Exception as exc:  # noqa: BLE001 - isolate the sample: bad data, NaN, out of memory, ...
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first_line = (str(exc).splitlines() or [""])[0]
+        error = first_line if isinstance(exc, DragError) else f"{exc.__class__.__name__}: {first_line}"
+        return row(name, "failed", seconds=time.perf_counter() - tic, error=error, rank=rank)
+    return row(name, "ok", figures.get("iterations"), figures.get("final_distance_px"), time.perf_counter() - tic,
+               rank=rank)
+
+
+class BatchModule(L.LightningModule):
+    """Thin: loads the job's model on this process's device, runs the job on each item of its shard."""
+
+    def __init__(self, job):
+        super().__init__()
+        self.job = job  # not an nn.Module: nothing to broadcast, wrap or synchronize across ranks
+        # fewer samples left than processes (a resumed run): a process with none just waits for the others
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def on_predict_start(self) -> None:
+        self.job.setup(self.device)
+
+    def predict_step(self, batch, batch_idx):
+        rows = []
+        for item in batch:
+            r = run_item(self.job, item, self.global_rank)
+            print(f"[rank {self.global_rank}] {r['sample']}: {r['status']}"
+                  + (f" ({r['error']})" if r["error"] else "") + f" in {r['seconds']:.1f} s", flush=True)
+            rows.append(r)
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
+    """The outer Trainer: only dispatches samples to processes (accelerator/devices/nodes/strategy from the config).
+
+    Its progress bar counts samples (rank 0's); it is a TQDM bar because the per-sample drag Trainers draw
+    Rich bars inside it, and two Rich bars cannot nest."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    progress = bool(trainer_cfg.enable_progress_bar) and not quiet
+    devices = trainer_cfg.devices
+    if OmegaConf.is_list(devices):
+        devices = list(devices)
+    try:
+        return L.Trainer(
+            accelerator=str(trainer_cfg.accelerator), devices=devices, num_nodes=int(trainer_cfg.num_nodes),
+            strategy=str(trainer_cfg.strategy),
+            precision="32-true",  # trainer.precision applies inside each sample's own drag Trainer, not here
+            inference_mode=False,  # the per-sample optimization needs autograd inside predict_step
+            use_distributed_sampler=False,  # DragDataModule shards without padding: every sample exactly once
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+            callbacks=[TQDMProgressBar()] if progress else [])
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ConfigError(f"trainer.*: {str(exc).splitlines()[0]}") from None
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Every rank's rows on every rank (so rank 0 writes them all and every rank knows the exit status)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(rows)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(rows))
+    return [r for part in parts for r in part]
+
+
+def write_summary(out_root: Path, rows: list[dict], info: dict) -> None:
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    save_json(out_root / "summary.json", {**info, "counts": counts, "samples": rows})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if r[k] is None else r[k]) for k in SUMMARY_FIELDS} for r in rows)
+    save_text(out_root / "summary.csv", buf.getvalue())
+
+
+def run_dataset(cfg: DictConfig, job) -> int:
+    """Validate, shard, run ``job`` per sample, write the summary; 0 all done, 1 some sample failed."""
+    tic = time.perf_counter()
+    checks = check_dataset(cfg.data)
+    say(format_report(checks))
+    unsafe = [c.name for c in checks if c.unsafe]
+    if unsafe:
+        raise UnsafePickleError(f"data={cfg.data}: refusing the dataset, {len(unsafe)} meta_data.pkl would run code "
+                                f"when unpickled ({', '.join(unsafe)}); nothing was run")
+    invalid = [row(c.name, "failed", error=c.error) for c in checks if not c.ok]
+    logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)  # one run per job: only rank 0 creates it
+    trainer = make_batch_trainer(cfg.trainer, bool(cfg.quiet))
+    datamodule = DragDataModule([(c.name, c.path) for c in checks if c.ok], job.is_done)
+    with warnings.catch_warnings():  # nothing left to do / one sample per step are expected here
+        warnings.filterwarnings("ignore", ".*(Total length of `DataLoader` across ranks is zero|does not have many "
+                                          "workers).*")
+        predictions = trainer.predict(BatchModule(job), datamodule=datamodule) or []
+    rows = gather_rows([r for batch in predictions for r in batch]) + invalid
+    media = {k: v for part in gather_rows([getattr(job, "media", {})]) for k, v in part.items()}
+    if trainer.is_global_zero:
+        for name in datamodule.skipped:
+            say(f"{name}: skipped (finished before)")
+            rows.append(job.finished_row(name))
+        rows.sort(key=lambda r: r["sample"])
+        out = Path(cfg.out)
+        write_summary(out, rows, {"data": str(cfg.data), "out": str(out), "world_size": trainer.world_size,
+                                  "seconds": round(time.perf_counter() - tic, 3)})
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+        say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
+            f"summary: {out / 'summary.csv'}")
+        for r in rows:
+            if r["status"] == "failed":
+                print(f"failed: {r['sample']}: {r['error']}", file=sys.stderr)
+        log_batch_results(logger, rows, media)  # every rank's samples, gathered above
+    close_logger(logger)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def run_batch(cfg: DictConfig) -> int:
+    """``edit.py data=DIR``: drag-edit every sample of the dataset (pipeline mode with ``lora.enabled``)."""
+    return run_dataset(cfg, EditJob(cfg))
+
+
+def run_lora_batch(cfg: DictConfig) -> int:
+    """``train.py data=DIR``: one identity LoRA per sample, sharded the same way."""
+    return run_dataset(cfg, LoraJob(cfg))

@@ -1,0 +1,77 @@
+"""Check every sample of a dataset up front (before any model loads) and report which are bad and why.
+
+  python -m dragdiffusion.data.validate DIR      # exit 0: all good, 1: some bad, 2: unsafe pickle / no data
+
+Each sample is read exactly as an edit would read it: images decoded, points paired and inside the image,
+mask of the image's size, pickles through the restricted unpickler. A pickle that would call code is marked
+``unsafe``: batch runs refuse the whole dataset then, rather than skip it quietly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DragError, SampleError, UnsafePickleError
+from .readers import find_samples, read_sample, sample_name
+
+
+@dataclass
+class SampleCheck:
+    name: str  # path below the dataset root, e.g. animals/JH_2023-09-14-1838-08
+    path: Path
+    error: str | None = None  # why the sample cannot be edited; None = good
+    unsafe: bool = False  # its meta_data.pkl would have run code
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def check_sample(folder: Path, root: Path) -> SampleCheck:
+    name = sample_name(folder, root)
+    try:
+        read_sample(folder, name)
+    except UnsafePickleError as exc:
+        return SampleCheck(name, folder, str(exc), unsafe=True)
+    except DragError as exc:
+        return SampleCheck(name, folder, str(exc))
+    return SampleCheck(name, folder)
+
+
+def check_dataset(root: str | Path) -> list[SampleCheck]:
+    """One SampleCheck per sample folder below ``root``, in the sorted order every process agrees on."""
+    root = Path(root)
+    checks = [check_sample(folder, root) for folder in find_samples(root)]
+    if not checks:
+        raise SampleError("data", f"no samples found below {root}; expected <sample>/meta_data.pkl + "
+                                  "original_image.png (DragBench) or <sample>/drag.json + image.png folders")
+    return checks
+
+
+def format_report(checks: list[SampleCheck]) -> str:
+    bad = [c for c in checks if not c.ok]
+    lines = [f"{len(checks)} samples, {len(checks) - len(bad)} valid, {len(bad)} invalid"]
+    lines += [f"  {'UNSAFE' if c.unsafe else 'invalid'}: {c.name}: {c.error}" for c in bad]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dragdiffusion.data.validate",
+                                     description="Check every sample of a drag dataset and report the bad ones.")
+    parser.add_argument("data", help="dataset folder (DragBench layout, ours, or a mix)")
+    args = parser.parse_args(argv)
+    try:
+        checks = check_dataset(args.data)
+    except DragError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(checks))
+    if any(c.unsafe for c in checks):
+        return 2
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""The identity LoRA stage: fine-tune a LoRA on the UNet for one image so that the edit keeps its identity.
+
+``LoraIdentityModule`` (a LightningModule) trains a peft LoRA on to_q/to_k/to_v/to_out.0 of every UNet
+attention with the reference recipe (algorithm.md, stage 1); ``train_lora_for_sample`` runs it with a Lightning
+Trainer and writes ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format (a stock
+``StableDiffusionPipeline.load_lora_weights`` loads it); ``prepare_for_edit`` loads or trains the LoRA into an
+editor's UNet.
+
+Work that is never paid twice:
+- the prompt is encoded once per LoRA (``on_fit_start``);
+- the VAE encodes the resized image once (``ViewSampler`` with ``lora.cache_latents=true``): every view is a
+  crop of that latent distribution (mean, std), sampled afresh. A square image has a single crop, so this is
+  exactly the reference. For other images the crop offset lies on the latent grid (multiples of the VAE factor,
+  8 px) and the latent near a crop edge has seen the pixels beyond it; we take that over one VAE pass per crop
+  offset because (a) it costs one VAE pass whatever the aspect ratio, where caching per pixel offset would still
+  encode most of the 4 x 80 views of a 512 x 683 image, and (b) the drag stage inverts the latent of the whole
+  image, so the LoRA learns the latents it will later see. ``lora.cache_latents=false`` is the reference's
+  way (every view's pixel crop encoded at every step), kept for comparison (benchmarks/bench_lora.py);
+- the VAE and the text encoder run under ``no_grad``; the base UNet weights are frozen (only LoRA has grads).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from .backbone import Backbone, encode_prompt, load_backbone
+from .errors import ConfigError, ModelLoadError
+from .io import save_text
+
+ADAPTER = "identity"  # the peft adapter name of the identity LoRA inside a UNet
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_QUIET_WARNINGS = ".*(does not have many workers|GPU available but not used|TPU available|LitLogger|" \
+                  "exists and is not empty|ended before the epoch ended).*"
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(H, W) after resizing the short side to ``short_side``; the long side is truncated (torchvision's Resize)."""
+    if height <= width:
+        return short_side, int(short_side * width / height)
+    return int(short_side * height / width), short_side
+
+
+def forward_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """DDPM forward noising: sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t = alphas_cumprod[t] per batch item."""
+    a = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def velocity(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target: sqrt(a_t) noise - sqrt(1 - a_t) x0."""
+    a = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def diffusion_target(prediction_type: str, alphas_cumprod, x0, noise, t) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(alphas_cumprod, x0, noise, t)
+    raise ConfigError(f"scheduler prediction_type '{prediction_type}': expected epsilon or v_prediction")
+
+
+def lora_loss(unet, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+              alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """MSE (in fp32) between the UNet's prediction on the noised latents and the diffusion target."""
+    noisy = forward_noise(alphas_cumprod, x0, noise, t)
+    cond = cond.expand(x0.shape[0], -1, -1)
+    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    target = diffusion_target(prediction_type, alphas_cumprod, x0, noise, t)
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def image_tensor(image: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
+    """uint8 H x W x 3 -> [1, 3, h, w] in [-1, 1], bilinear (antialiased) to ``size_hw``."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    if tuple(x.shape[-2:]) != tuple(size_hw):
+        x = F.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------- views
+
+class ViewSampler:
+    """Random square views of one image as VAE latents: resize the short side to ``size``, crop ``size`` x ``size``.
+
+    ``cache=True``: the VAE encodes the resized image once; a view is a crop of that latent distribution at a
+    random offset on the latent grid, sampled (mean + std * noise) afresh. ``cache=False``: the reference's
+    way, each view's pixel crop (any pixel offset) is encoded at every call. ``encodes`` counts VAE passes.
+    """
+
+    def __init__(self, vae, image: np.ndarray, size: int, cache: bool = True):
+        self.vae = vae
+        self.size = int(size)
+        self.cache = bool(cache)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling = float(vae.config.scaling_factor)
+        h, w = resized_size(image.shape[0], image.shape[1], self.size)
+        self.pixels = image_tensor(image, (h, w)).to(vae.device, vae.dtype)
+        self.encodes = 0
+        self.mean = self.std = None
+        if self.cache:
+            self.mean, self.std = self.encode(self.pixels)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels).latent_dist
+        self.encodes += 1
+        return dist.mean.float(), dist.std.float()
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """[n, C, size/f, size/f] latents x scaling factor; every random draw comes from ``generator`` (CPU)."""
+        if self.cache:
+            s = self.size // self.factor
+            source = torch.stack([self.mean[0], self.std[0]])  # [2, C, h, w]
+        else:
+            s = self.size
+            source = self.pixels[0]  # [3, H, W]
+        h, w = source.shape[-2:]
+        ys = torch.randint(0, h - s + 1, (n,), generator=generator).tolist()
+        xs = torch.randint(0, w - s + 1, (n,), generator=generator).tolist()
+        crops = torch.stack([source[..., y:y + s, x:x + s] for y, x in zip(ys, xs)])
+        if self.cache:
+            mean, std = crops[:, 0], crops[:, 1]
+        else:
+            mean, std = self.encode(crops)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return (mean + std * eps) * self.scaling
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+def lora_peft_config(lora_cfg):
+    from peft import LoraConfig as PeftLoraConfig
+    # gaussian init: A ~ N(0, 1/r), B = 0 (the reference's LoRA layers); the LoRA starts as the identity
+    return PeftLoraConfig(r=int(lora_cfg.rank), lora_alpha=int(lora_cfg.alpha), init_lora_weights="gaussian",
+                          target_modules=list(lora_cfg.target_modules))
+
+
+def remove_identity_lora(unet) -> None:
+    """Take the identity adapter out of ``unet`` (the UNet is then exactly what it was before)."""
+    configs = getattr(unet, "peft_config", None) or {}
+    if ADAPTER in configs:
+        unet.delete_adapters(ADAPTER)
+    if not getattr(unet, "peft_config", None) and any(hasattr(m, "base_layer") for m in unet.modules()):
+        unet.unload_lora()  # no adapter left: restore the plain layers
+
+
+def add_identity_lora(unet, lora_cfg, seed: int) -> list[torch.nn.Parameter]:
+    """A fresh trainable identity adapter (replacing a previous one); returns its parameters (fp32)."""
+    remove_identity_lora(unet)
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # the LoRA's init follows lora.seed, the global RNG is untouched
+        torch.manual_seed(int(seed))
+        unet.add_adapter(lora_peft_config(lora_cfg), adapter_name=ADAPTER)
+    params = []
+    for name, p in unet.named_parameters():
+        if f".{ADAPTER}." in name and "lora_" in name:
+            p.data = p.data.float()  # trainable weights in fp32 even when the model is fp16
+            p.requires_grad_(True)
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    return params
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The identity adapter's weights in the diffusers LoRA format (without the ``unet.`` prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+def save_lora(unet, folder: str | Path) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` (diffusers format + peft config metadata), atomically."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = unet.peft_config[ADAPTER]
+    metadata = {"r": int(config.r), "lora_alpha": int(config.lora_alpha),
+                "target_modules": sorted(config.target_modules), "init_lora_weights": config.init_lora_weights}
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet),
+                                                         unet_lora_adapter_metadata=metadata, safe_serialization=True)
+        os.chmod(Path(tmp) / WEIGHT_NAME, 0o644)  # readable like any model file (the temp file is private)
+        os.replace(Path(tmp) / WEIGHT_NAME, folder / WEIGHT_NAME)
+    return folder / WEIGHT_NAME
+
+
+def resolve_lora_file(path: str | Path, sample_name: str | None = None) -> Path:
+    """``lora.path``: a .safetensors file, a folder holding pytorch_lora_weights.safetensors, or a folder of
+    per-sample LoRAs as train.py data=... writes them (<path>/<sample name>/pytorch_lora_weights.safetensors)."""
+    p = Path(os.path.expanduser(str(path)))
+    candidates = [p] if p.suffix else [p / WEIGHT_NAME] + ([p / sample_name / WEIGHT_NAME] if sample_name else [])
+    for c in candidates:
+        if c.is_file():
+            if c.suffix != ".safetensors":
+                raise ModelLoadError(f"lora.path: {c}: expected a .safetensors file (pickled .bin/.ckpt LoRAs are "
+                                     "not loaded: they could execute code)")
+            return c
+    raise ModelLoadError(f"lora.path: no LoRA file found; looked for {', '.join(str(c) for c in candidates)}")
+
+
+def read_lora_file(file: Path) -> tuple[dict, dict | None, dict | None]:
+    """(state dict with ``unet.``/``text_encoder.`` keys, network alphas, adapter metadata) of a LoRA file."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    try:
+        return StableDiffusionLoraLoaderMixin.lora_state_dict(str(file.parent), weight_name=file.name,
+                                                              use_safetensors=True, local_files_only=True,
+                                                              return_lora_metadata=True)
+    except Exception as exc:  # truncated, not safetensors, unreadable header...
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(f"lora.path: {file}: not a readable LoRA safetensors file "
+                             f"({exc.__class__.__name__}: {first})") from None
+
+
+def check_lora_fits(state: dict, unet, rank: int, file: Path) -> dict[str, torch.Tensor]:
+    """The UNet part of ``state`` (``unet.`` prefix removed); a ModelLoadError naming ``file`` if it does not fit
+    this UNet (wrong base model: unknown layer or shape) or has another rank than ``lora.rank``."""
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    if not unet_state:
+        raise ModelLoadError(f"lora.path: {file}: holds no UNet LoRA weights (keys starting with 'unet.'); "
+                             "expected a diffusers-format LoRA such as train.py writes")
+    for key, value in unet_state.items():
+        for down, up in (("lora.down.weight", "lora.up.weight"), ("lora_A.weight", "lora_B.weight")):
+            if key.endswith(down) or key.endswith(up):
+                module_name = key.rsplit("." + (down if key.endswith(down) else up), 1)[0]
+                is_down = key.endswith(down)
+                break
+        else:
+            continue  # alphas and other bookkeeping
+        try:
+            layer = unet.get_submodule(module_name)
+        except AttributeError:
+            raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' does not exist in this UNet; the LoRA "
+                                 "was made for another base model (model.name_or_path)") from None
+        layer = getattr(layer, "base_layer", layer)
+        if not isinstance(layer, torch.nn.Linear) or value.ndim != 2:
+            raise ModelLoadError(f"lora.path: {file}: '{key}' does not fit layer '{module_name}' of this UNet; "
+                                 "the LoRA was made for another base model")
+        file_rank = value.shape[0] if is_down else value.shape[1]
+        features = value.shape[1] if is_down else value.shape[0]
+        expected = layer.in_features if is_down else layer.out_features
+        if features != expected:
+            raise ModelLoadError(f"lora.path: {file}: '{key}' has shape {tuple(value.shape)} but layer "
+                                 f"'{module_name}' has {expected} {'input' if is_down else 'output'} features; "
+                                 "the LoRA was made for another base model (model.name_or_path)")
+        if file_rank != rank:
+            raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
+                                 f"set lora.rank={file_rank} or train a new LoRA")
+    return unet_state
+
+
+def load_identity_lora(unet, path: str | Path, rank: int, sample_name: str | None = None) -> Path:
+    """Load a LoRA file into ``unet`` as the identity adapter (replacing a previous one, never stacking)."""
+    file = resolve_lora_file(path, sample_name)
+    state, alphas, metadata = read_lora_file(file)
+    check_lora_fits(state, unet, int(rank), file)
+    remove_identity_lora(unet)
+    if alphas and metadata:
+        metadata = None  # diffusers takes one of the two; the alphas hold the scale
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*(text_encoder|No LoRA keys).*")
+            unet.load_lora_adapter({k: v for k, v in state.items() if k.startswith("unet.")}, prefix="unet",
+                                   network_alphas=alphas, metadata=metadata, adapter_name=ADAPTER)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        remove_identity_lora(unet)
+        raise ModelLoadError(f"lora.path: {file}: could not load it into this UNet ({str(exc).splitlines()[0]})") from None
+    unet.requires_grad_(False)
+    unet.eval()
+    return file
+
+
+# ----------------------------------------------------------------------------------------------- the module
+
+class _Steps(Dataset):
+    """One dummy item per optimization step: the module draws its own views (seeded, resumable)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+class LoraIdentityModule(L.LightningModule):
+    """Trains the identity LoRA of one image; one training step = one batch of ``lora.batch_size`` random views.
+
+    The UNet is a submodule (so Lightning places it and DDP averages the LoRA gradients), but checkpoints hold
+    only the trainable LoRA weights, the optimizer and the view generator's state. The VAE and the text encoder
+    are used once, in ``on_fit_start``, without autograd.
+
+    Args:
+        backbone: the frozen model; the identity adapter is added to ``backbone.unet`` (replacing a previous one).
+        image: H x W x 3 uint8. prompt: the image's prompt. lora: the ``lora`` config section.
+    """
+
+    def __init__(self, backbone: Backbone, image: np.ndarray, prompt: str, lora):
+        super().__init__()
+        self.lora = lora
+        self.unet = backbone.unet
+        self.backbone = backbone  # a plain dataclass, not a Module: its VAE/text encoder are not saved
+        self.image = image
+        self.prompt = prompt or ""
+        add_identity_lora(self.unet, lora, lora.seed)
+        self.strict_loading = False  # checkpoints hold the LoRA weights only
+        scheduler = backbone.scheduler
+        self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.generator = torch.Generator().manual_seed(int(lora.seed))
+        self.views_per_device = int(lora.batch_size)
+        self.views: ViewSampler | None = None
+        self.cond: torch.Tensor | None = None
+        self.losses: list[float] = []
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str):
+        world = int(self.trainer.world_size)
+        if self.lora.batch_size % world:
+            raise ConfigError(f"config key 'lora.batch_size' = {self.lora.batch_size}: expected a multiple of the "
+                              f"number of devices ({world}); the batch of views is split over them")
+        self.views_per_device = self.lora.batch_size // world
+        self.generator.manual_seed(int(self.lora.seed) + int(self.global_rank))  # restored later on resume
+
+    def on_fit_start(self):
+        for module in (self.backbone.vae, self.backbone.text_encoder):
+            if module.device != self.device:
+                module.to(self.device)
+        self.cond = encode_prompt(self.backbone, self.prompt)  # once
+        self.unet.train()  # as the reference (SD's UNet has no dropout: the numbers are the same)
+        if self.lora.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.views = ViewSampler(self.backbone.vae, self.image, self.lora.resolution, self.lora.cache_latents)
+
+    def training_step(self, batch, batch_idx):
+        x0 = self.views.sample(self.views_per_device, self.generator).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=self.generator).to(self.device)
+        loss = lora_loss(self.unet, x0, noise, t, self.cond, self.alphas_cumprod, self.prediction_type)
+        self.losses.append(float(loss.detach()))
+        self.log("lora/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        c = self.lora
+        params = [p for p in self.parameters() if p.requires_grad]
+        # constant learning rate: no scheduler
+        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
+
+    def train_dataloader(self):
+        return DataLoader(_Steps(max(1, int(self.lora.steps))), batch_size=1)
+
+    def on_train_end(self):
+        if self.unet.is_gradient_checkpointing:
+            self.unet.disable_gradient_checkpointing()  # the drag stage chooses its own
+        self.unet.requires_grad_(False)
+        self.unet.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lora_generator_state"] = self.generator.get_state()
+        checkpoint["lora_rank"] = int(self.lora.rank)
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        expected = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
+        got = checkpoint.get("state_dict", {})
+        if set(got) != set(expected) or any(tuple(got[k].shape) != tuple(expected[k]) for k in expected):
+            raise ModelLoadError(f"ckpt_path: the checkpoint's LoRA (rank {checkpoint.get('lora_rank')}, "
+                                 f"{len(got)} tensors) does not fit this model and lora config (rank "
+                                 f"{self.lora.rank}, {len(expected)} tensors)")
+        if "lora_generator_state" in checkpoint:
+            self.generator.set_state(checkpoint["lora_generator_state"])
+
+
+class SaveLoraEvery(L.Callback):
+    """Write ``<folder>/step-NNNNN/pytorch_lora_weights.safetensors`` every ``every`` steps (before the last)."""
+
+    def __init__(self, every: int, folder: str | Path):
+        self.every = int(every)
+        self.folder = Path(folder)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every > 0 and step % self.every == 0 and step < trainer.max_steps and trainer.is_global_zero:
+            save_lora(pl_module.unet, self.folder / f"step-{step:05d}")
+
+
+# ----------------------------------------------------------------------------------------------- running it
+
+def make_lora_trainer(trainer_cfg, steps: int, callbacks=(), logger=False, device: torch.device | None = None,
+                      quiet: bool = False) -> L.Trainer:
+    """The Trainer of one LoRA: accelerator/devices/strategy from the config, or the one ``device`` given."""
+    precision = str(trainer_cfg.precision)
+    if precision.endswith("-true"):
+        raise ConfigError(f"config key 'trainer.precision' = {precision!r}: the LoRA stage keeps the frozen model "
+                          "in its dtype; expected 32, bf16-mixed or 16-mixed")
+    accelerator, devices, strategy = str(trainer_cfg.accelerator), trainer_cfg.devices, str(trainer_cfg.strategy)
+    if device is not None:
+        accelerator = "gpu" if device.type == "cuda" else device.type
+        devices = [device.index or 0] if device.type == "cuda" else 1
+        strategy = "auto"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision == "16-mixed" and on_cpu:
+        raise ConfigError("config key 'trainer.precision' = '16-mixed': fp16 autocast needs a GPU; use bf16-mixed "
+                          "or 32 on the CPU")
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = list(devices)
+    return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
+                     num_nodes=1 if device is not None else int(trainer_cfg.num_nodes), precision=precision,
+                     max_steps=int(steps), max_epochs=-1, callbacks=list(callbacks), logger=logger,
+                     enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+                     enable_model_summary=False, num_sanity_val_steps=0,
+                     log_every_n_steps=int(trainer_cfg.log_every_n_steps),
+                     enable_progress_bar=bool(trainer_cfg.enable_progress_bar) and not quiet)
+
+
+def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, trainer_cfg, out_dir: str | Path | None,
+               logger=False, ckpt_path: str | None = None, quiet: bool = False, single_device: bool = True,
+               callbacks=()) -> LoraIdentityModule:
+    """Train the identity LoRA into ``backbone.unet`` (it stays there, active and frozen afterwards).
+
+    With ``out_dir``: writes ``out_dir/pytorch_lora_weights.safetensors``, with ``lora.save_every`` = N > 0 also
+    ``out_dir/step-NNNNN/`` LoRA snapshots and resumable Lightning checkpoints ``out_dir/checkpoints/``.
+    ``single_device``: train on ``backbone.device`` (the editor's and per-sample workers' case); otherwise the
+    Trainer's accelerator/devices/strategy come from ``trainer_cfg``.
+    """
+    module = LoraIdentityModule(backbone, image, prompt, lora_cfg)
+    callbacks = list(callbacks)
+    if out_dir is not None and lora_cfg.save_every > 0:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        callbacks.append(SaveLoraEvery(lora_cfg.save_every, out_dir))
+        callbacks.append(ModelCheckpoint(dirpath=Path(out_dir) / "checkpoints", filename="step-{step:05d}",
+                                         auto_insert_metric_name=False, every_n_train_steps=int(lora_cfg.save_every),
+                                         save_top_k=-1, save_last=False, enable_version_counter=False))
+    trainer = make_lora_trainer(trainer_cfg, int(lora_cfg.steps), callbacks, logger,
+                                backbone.device if single_device else None, quiet)
+    if int(lora_cfg.steps) > 0:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _QUIET_WARNINGS)
+            trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    module.on_train_end()
+    if out_dir is not None and trainer.is_global_zero:
+        save_lora(backbone.unet, out_dir)
+    return module
+
+
+def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone: Backbone | None = None) -> Path:
+    """Train one sample's identity LoRA (``cfg`` a LoraTrainConfig); writes ``out_dir/pytorch_lora_weights.safetensors``
+    and ``out_dir/config.yaml``; returns the weights file. Only ``sample.image``, ``.prompt`` and ``.name`` are used.
+
+    With ``backbone`` (already on its device) it trains on that device; the adapter stays in ``backbone.unet``
+    until the next call replaces it.
+    """
+    from .config import to_yaml
+    from .loggers import close_logger, log_lora_artifact, lora_callbacks, make_logger
+    out_dir = Path(out_dir)
+    single = backbone is not None
+    backbone = backbone if backbone is not None else load_backbone(cfg.model)
+    run_name = "lora-" + str(sample.name).replace("/", "__")
+    logger = make_logger(cfg.logger, config=cfg, quiet=bool(cfg.quiet), run_name=run_name)
+    failed = True
+    try:
+        train_lora(backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, out_dir, logger,
+                   ckpt_path=cfg.get("ckpt_path"), quiet=bool(cfg.quiet), single_device=single,
+                   callbacks=lora_callbacks(logger))
+        save_text(out_dir / "config.yaml", to_yaml(cfg))
+        log_lora_artifact(logger, out_dir / WEIGHT_NAME, name=run_name)
+        failed = False
+    finally:
+        close_logger(logger, failed)
+    return out_dir / WEIGHT_NAME
+
+
+def prepare_for_edit(editor, sample, out_dir: str | Path | None = None, logger=False, callbacks=()) -> str | None:
+    """Put the sample's identity LoRA into ``editor.backbone.unet``; returns the file used (None: trained, not saved).
+
+    ``lora.path`` set: load it (a file, a folder with pytorch_lora_weights.safetensors, or a per-sample folder
+    from ``train.py data=...``). Otherwise train it (``lora.enabled``) and, with ``out_dir``, write
+    ``out_dir/lora/``. Any previous sample's identity LoRA is replaced, never stacked. ``logger``: the edit's
+    Lightning logger (``lora/loss``, learning rate, the saved LoRA as an artifact). ``callbacks``: more callbacks
+    of the LoRA Trainer (the browser app's progress reporter).
+    """
+    from .loggers import log_lora_artifact, lora_callbacks
+    cfg = editor.cfg
+    backbone = editor.backbone
+    if cfg.lora.path:
+        return str(load_identity_lora(backbone.unet, cfg.lora.path, cfg.lora.rank, getattr(sample, "name", None)))
+    if not cfg.lora.enabled:
+        remove_identity_lora(backbone.unet)
+        return None
+    lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
+    train_lora(backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, lora_dir, logger=logger or False,
+               quiet=bool(cfg.get("quiet", False)), callbacks=lora_callbacks(logger) + list(callbacks))
+    if lora_dir is None:
+        return None
+    save_text(lora_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"lora": cfg.lora, "model": cfg.model})))
+    log_lora_artifact(logger, lora_dir / WEIGHT_NAME, name="lora-" + str(getattr(sample, "name", "sample")))
+    return str(lora_dir / WEIGHT_NAME)
