@@ -38,6 +38,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from . import quiet_lightning
 from .data.datamodule import DragDataModule
 from .data.validate import check_dataset, format_report
 from .errors import ConfigError, DragError, UnsafePickleError
@@ -227,6 +228,7 @@ def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
     Rich bars inside it, and two Rich bars cannot nest."""
     from lightning.pytorch.callbacks import TQDMProgressBar
     progress = bool(trainer_cfg.enable_progress_bar) and not quiet
+    quiet_lightning(quiet)
     devices = trainer_cfg.devices
     if OmegaConf.is_list(devices):
         devices = list(devices)

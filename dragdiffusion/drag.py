@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .ddim import ddim_step
+from .data.datamodule import StepIndices
 from .features import unet_eps_and_features
 from .motion import handle_distances, motion_supervision_loss
 
@@ -24,17 +25,6 @@ def mix_guided_features(f_uncond: torch.Tensor, f_cond: torch.Tensor, guidance_s
     """Features of a guided forward: ((1 - c) F_uncond, c F_cond) concatenated on channels (dim -3)."""
     c = cfg_feature_weight(guidance_scale)
     return torch.cat([(1 - c) * f_uncond, c * f_cond], dim=-3)
-
-
-class _Steps(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
 
 
 class DragEditModule(L.LightningModule):
@@ -141,7 +131,7 @@ class DragEditModule(L.LightningModule):
         return cls([self.z_t], lr=self.drag.lr)
 
     def train_dataloader(self):
-        return DataLoader(_Steps(max(1, self.drag.n_pix_step)), batch_size=1)
+        return DataLoader(StepIndices(max(1, self.drag.n_pix_step)), batch_size=1)
 
     # ------------------------------------------------------------------ results
     def edited_latent(self) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from . import quiet_lightning
 from .attention import StepWindow, reference_control
-from .backbone import Backbone, decode_latent, encode_image, encode_prompt, load_backbone, resolve_device
+from .backbone import Backbone, decode_latent, encode_image, encode_prompt, load_backbone
 from .callbacks import MaskRegularization, PointTracking
 from .config import EditConfig, load_config, to_yaml
 from .ddim import ddim_denoise, ddim_invert, inversion_timesteps
@@ -88,6 +89,7 @@ def make_trainer(trainer_cfg, max_steps: int, callbacks, logger=False, device: t
     Device, signals and requeueing belong to the outer Trainer; this one is one device, one process.
     """
     from lightning.pytorch.plugins.environments import LightningEnvironment
+    quiet_lightning(quiet)
     accelerator = str(trainer_cfg.accelerator)
     devices: object = 1
     if device is not None:
@@ -121,6 +123,7 @@ class DragEditor:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
+            quiet_lightning(bool(self.cfg.get("quiet", False)))
             self._backbone = load_backbone(self.cfg.model)
         return self._backbone
 

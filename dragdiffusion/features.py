@@ -1,8 +1,6 @@
 """UNet feature capture with forward hooks, resized to the supervision grid."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 

@@ -30,10 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from lightning.pytorch.plugins.environments import LightningEnvironment
+
+from . import quiet_lightning
 from .backbone import Backbone, encode_prompt, load_backbone
 from .errors import ConfigError, ModelLoadError
+from .data.datamodule import StepIndices
 from .io import save_text
 
 ADAPTER = "identity"  # the peft adapter name of the identity LoRA inside a UNet
@@ -286,19 +290,6 @@ def load_identity_lora(unet, path: str | Path, rank: int, sample_name: str | Non
 
 # ----------------------------------------------------------------------------------------------- the module
 
-class _Steps(Dataset):
-    """One dummy item per optimization step: the module draws its own views (seeded, resumable)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
-
-
 class LoraIdentityModule(L.LightningModule):
     """Trains the identity LoRA of one image; one training step = one batch of ``lora.batch_size`` random views.
 
@@ -368,7 +359,7 @@ class LoraIdentityModule(L.LightningModule):
         return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
 
     def train_dataloader(self):
-        return DataLoader(_Steps(max(1, int(self.lora.steps))), batch_size=1)
+        return DataLoader(StepIndices(max(1, int(self.lora.steps))), batch_size=1)
 
     def on_train_end(self):
         if self.unet.is_gradient_checkpointing:
@@ -426,7 +417,10 @@ def make_lora_trainer(trainer_cfg, steps: int, callbacks=(), logger=False, devic
                           "or 32 on the CPU")
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         devices = list(devices)
-    return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
+    quiet_lightning(quiet)
+    # one given device: keep out of any cluster environment (SLURM requeue handlers belong to the outer job)
+    plugins = [LightningEnvironment()] if device is not None else None
+    return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, plugins=plugins,
                      num_nodes=1 if device is not None else int(trainer_cfg.num_nodes), precision=precision,
                      max_steps=int(steps), max_epochs=-1, callbacks=list(callbacks), logger=logger,
                      enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),

@@ -19,6 +19,16 @@ TINY_EDIT = ["model=tiny", "trainer=cpu", "lora.enabled=false", "drag.width=128"
              "quiet=true"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tiny model's tensors are small: one thread is faster than two (no thread-pool spin-waits)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from dragdiffusion.tiny import ensure_tiny_model

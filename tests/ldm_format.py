@@ -2,7 +2,6 @@
 single-file loading path can be tested offline on the tiny model. Key layout: the published SD 1.x format."""
 from __future__ import annotations
 
-import torch
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]

@@ -58,13 +58,6 @@ def assert_no_corrupt_file(out: Path):
     assert not list(out.rglob(".*.tmp")), "temporary files of atomic writes were left behind"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are small: one thread is faster, and keeps the shared CPU free."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,6 @@ def test_image(h: int = 64, w: int = 64) -> np.ndarray:
 test_image.__test__ = False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are small: one thread avoids thread-pool stalls on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

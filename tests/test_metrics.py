@@ -27,13 +27,6 @@ TINY_EVAL = ["model=tiny", "trainer=cpu", "mean_distance.ensemble_size=2", "mean
              "image_fidelity.enabled=false", "quiet=true"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def subprocess_env() -> dict:

@@ -87,3 +87,16 @@ class DragDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return DataLoader(SampleFolders(self.pending), batch_size=1, sampler=ShardSampler(len(self.pending), rank, world),
                           collate_fn=as_list, num_workers=self.num_workers)
+
+
+class StepIndices(Dataset):
+    """One dummy item per optimization step, for modules that make their own inputs (drag, identity LoRA)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
