@@ -28,16 +28,12 @@ Exit status: 0 done, 1 a sample failed, 2 bad config or input.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog="\n".join(__doc__.split("\n")[2:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/edit.yaml", help="YAML config (default: configs/edit.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (OmegaConf dotlist)")
-    return parser.parse_args(argv)
+    from dragdiffusion.config import cli_parser
+    return cli_parser(__doc__, "configs/edit.yaml").parse_args(argv)
 
 
 def load_input(cfg):

@@ -325,3 +325,16 @@ def validate_config(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def cli_parser(doc: str, default_config: str):
+    """The command-line shape shared by edit.py, train.py and the other entry points: --config + key=value items.
+
+    ``doc``'s first line is the description, the rest the epilog (examples, main keys, exit status)."""
+    import argparse
+    lines = doc.split("\n")
+    parser = argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]).strip("\n"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (OmegaConf dotlist)")
+    return parser
