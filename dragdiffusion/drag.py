@@ -97,13 +97,21 @@ class DragEditModule(L.LightningModule):
     def on_fit_start(self):
         if self.unet.device != self.device:
             self.unet.to(self.device)
-        with torch.no_grad():
-            eps, self.feat0 = self.eps_and_features(self.z_t_original, need_eps=self.uses_mask_term)
-            self.x0_prev = self.x_prev(self.z_t_original, eps) if eps is not None else None
+
+    def remember_original(self, eps: torch.Tensor | None, feat: torch.Tensor) -> None:
+        """Keep F0 and x0_prev of the original z_t (no grad)."""
+        self.feat0 = feat.detach()
+        self.x0_prev = self.x_prev(self.z_t_original, eps.detach()) if eps is not None else None
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
         eps, feat = self.eps_and_features(self.z_t, need_eps=self.uses_mask_term)
+        if self.feat0 is None:  # step 0's forward is the original z_t's: no separate UNet pass for F0, x0_prev
+            if step == 0:
+                self.remember_original(eps, feat)
+            else:  # a fit that starts past step 0
+                with torch.no_grad():
+                    self.remember_original(*self.eps_and_features(self.z_t_original, self.uses_mask_term))
         if self.point_tracking is not None and step > 0:
             self.handles.copy_(self.point_tracking.track(self, feat))
         self.history["handles"].append(self.handles.tolist())
