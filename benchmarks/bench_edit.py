@@ -62,20 +62,19 @@ class PeakMemory:
             self.peak_mb = self._peak / 2**20
 
 
-def make_editor(model: str, device: str, precision: str, steps: int, iters: int, width: int):
-    from dragdiffusion.backbone import Backbone, make_ddim_scheduler
+def make_editor(model: str, device: str, precision: str, steps: int, iters: int, width: int, dtype: str = "auto"):
+    from dragdiffusion.backbone import Backbone
     from dragdiffusion.config import load_config
     from dragdiffusion.editor import DragEditor
+    from dragdiffusion.policy import DevicePolicy
     from dragdiffusion.tiny import build_sd15_random_pipeline, build_tiny_pipeline
-    pipe = build_sd15_random_pipeline() if model == "sd15" else build_tiny_pipeline()
-    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
-        m.requires_grad_(False).eval()
-    backbone = Backbone(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, make_ddim_scheduler(), model)
-    backbone.to(torch.device(device))
     cfg = load_config(None, ["lora.enabled=false", f"drag.width={width}", f"drag.n_pix_step={iters}",
                              f"drag.num_inference_steps={steps}", "drag.point_tracking=false",
-                             f"trainer.precision={precision}", "quiet=true", f"model.device={device}"])
-    return DragEditor(cfg, backbone=backbone)
+                             f"trainer.precision={precision}", "quiet=true", f"model.device={device}",
+                             f"model.dtype={dtype}"])
+    policy = DevicePolicy.from_config(cfg)
+    pipe = build_sd15_random_pipeline() if model == "sd15" else build_tiny_pipeline()
+    return DragEditor(cfg, backbone=Backbone.from_pipeline(pipe, policy, model), policy=policy)
 
 
 def run_one(model, device, precision, steps, iters, width):

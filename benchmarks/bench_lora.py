@@ -25,40 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Stable Diffusion 1.5's component configurations (diffusers' config.json of the public checkpoint).
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-
-
-def build_backbone(size: str, device: str):
-    import torch
-    from dragdiffusion.backbone import Backbone, load_backbone, make_ddim_scheduler
-    from omegaconf import OmegaConf
-    from dragdiffusion.config import ModelConfig
-    if size == "tiny":
-        return load_backbone(OmegaConf.structured(ModelConfig(name_or_path="tiny", local_files_only=True)), device)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from dragdiffusion.tiny import build_tiny_pipeline
-    tokenizer = build_tiny_pipeline().tokenizer  # any CLIP tokenizer: the prompt is encoded once
-    torch.manual_seed(0)
-    unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                        **SD15_TEXT))
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-        m.eval()
-    return Backbone(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=make_ddim_scheduler(),
-                    source="sd15-random").to(device)
+def build_backbone(size: str, policy):
+    """The tiny model or a full-size SD 1.5-config model with random weights, placed by the policy."""
+    from dragdiffusion.backbone import Backbone
+    from dragdiffusion.tiny import build_sd15_random_pipeline, build_tiny_pipeline
+    pipe = build_sd15_random_pipeline() if size == "sd15" else build_tiny_pipeline()
+    return Backbone.from_pipeline(pipe, policy, source=f"{size}-random")
 
 
 def child(args) -> dict:
@@ -66,7 +38,8 @@ def child(args) -> dict:
     import lightning as L
     import torch
     from omegaconf import OmegaConf
-    from dragdiffusion.config import LoraConfig, TrainerConfig
+    from dragdiffusion.config import LoraConfig, ModelConfig, TrainerConfig
+    from dragdiffusion.policy import DevicePolicy
     from dragdiffusion.demo import demo_sample
     from dragdiffusion import lora as lora_lib
 
@@ -77,13 +50,14 @@ def child(args) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     cuda = device.startswith("cuda")
-    backbone = build_backbone(args.size, device)
+    precision = args.precision or ("16-mixed" if cuda else "32")
+    policy = DevicePolicy.from_config(OmegaConf.create({"model": ModelConfig(device=device, dtype=args.dtype),
+                                                        "trainer": TrainerConfig(precision=precision)}))
+    backbone = build_backbone(args.size, policy)
     warmup = 1 if args.steps > 1 else 0
     lora = OmegaConf.structured(LoraConfig(steps=args.steps + warmup, batch_size=args.batch, resolution=args.resolution,
                                            cache_latents=args.variant == "cached",
                                            gradient_checkpointing=args.grad_ckpt))
-    precision = args.precision or ("16-mixed" if cuda else "32")
-    trainer_cfg = OmegaConf.structured(TrainerConfig(precision=precision, enable_progress_bar=False))
     w, h = (int(v) for v in args.image.split("x"))
     image = demo_sample(w, h).image
 
@@ -106,13 +80,13 @@ def child(args) -> dict:
     module = lora_lib.LoraIdentityModule(backbone, image, "a photo", lora)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = lora_lib.make_lora_trainer(trainer_cfg, lora.steps, [Clock()], False, backbone.device, quiet=True)
+    trainer = policy.trainer(lora.steps, [Clock()], quiet=True, progress_bar=False)
     trainer.fit(module)
     steps = [e - s for s, e in zip(marks["start"], marks["end"])][warmup:]
     setup = marks["start"][0] - marks["fit_start"][0]  # the module's on_fit_start runs after the callback's
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"size": args.size, "variant": args.variant, "device": device, "precision": precision,
+    return {"size": args.size, "variant": args.variant, "device": device, "precision": policy.describe(),
             "s_per_step": sum(steps) / len(steps), "setup_s": setup, "steps": len(steps), "peak_mb": peak,
             "vae_passes": module.views.encodes, "threads": torch.get_num_threads()}
 
@@ -120,7 +94,7 @@ def child(args) -> dict:
 def run_child(size: str, variant: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--size", size, "--variant", variant, "--steps", str(args.steps),
            "--batch", str(args.batch), "--resolution", str(args.resolution), "--image", args.image,
-           "--device", args.device, "--mem-limit-gb", str(args.mem_limit_gb), "--threads", str(args.threads)]
+           "--device", args.device, "--dtype", args.dtype, "--mem-limit-gb", str(args.mem_limit_gb), "--threads", str(args.threads)]
     if args.precision:
         cmd += ["--precision", args.precision]
     if args.grad_ckpt:
@@ -157,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=512, help="view size (published: 512)")
     parser.add_argument("--image", default="512x683", help="W x H of the synthetic input image (default 512x683)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", help="model.dtype of the frozen weights: auto | float32 | "
+                                                        "float16 | bfloat16 (auto: half on a GPU with mixed precision)")
     parser.add_argument("--precision", default=None, help="32 | bf16-mixed | 16-mixed (default: 16-mixed on CUDA, else 32)")
     parser.add_argument("--mem-limit-gb", type=float, default=0, help="address-space cap of each run (CPU; 0 = none)")
     parser.add_argument("--grad-ckpt", action="store_true", help="lora.gradient_checkpointing=true (less memory)")

@@ -6,46 +6,48 @@ clear ModelLoadError saying what was looked for and how to fix it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import ModelLoadError
+from .policy import DevicePolicy, resolve_device
 from .tiny import SCHEDULER_CONFIG, ensure_tiny_model
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass
 class Backbone:
-    """The parts of a Stable Diffusion pipeline this project uses."""
+    """The parts of a Stable Diffusion pipeline this project uses, frozen, on one device (``device``).
+
+    The device and the weights' dtype are decided by the ``DevicePolicy`` when the backbone is built; the parts
+    are placed there once and no stage moves them afterwards."""
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     unet: torch.nn.Module
     scheduler: object  # a DDIMScheduler with the reference settings
     source: str = ""
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device) -> "Backbone":
-        for m in (self.vae, self.text_encoder, self.unet):
-            m.to(device)
-        return self
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    @classmethod
+    def from_pipeline(cls, pipe, policy: DevicePolicy, source: str = "") -> "Backbone":
+        """Freeze the pipeline's parts, place them on the policy's device in its weight dtype (the one move),
+        and attach the reference DDIM scheduler."""
+        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=policy.device, dtype=policy.weight_dtype)
+        return cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                   scheduler=make_ddim_scheduler(dict(pipe.scheduler.config)), source=source,
+                   device=policy.device, dtype=policy.weight_dtype)
 
 
 def make_ddim_scheduler(config: dict | None = None):
@@ -70,15 +72,14 @@ def _hint(name: str) -> str:
             "test model with model=tiny.")
 
 
-def load_pipeline(model_cfg):
-    """Return a diffusers StableDiffusionPipeline from the ``model`` config section (no device move)."""
+def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
+    """Return a diffusers StableDiffusionPipeline from the ``model`` config section in ``dtype`` (on the CPU)."""
     from diffusers import StableDiffusionPipeline
 
     name = str(model_cfg.name_or_path)
-    dtype = DTYPES[model_cfg.dtype]
     local_only = bool(model_cfg.local_files_only) or _offline()
     path = Path(os.path.expanduser(name))
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if name == "tiny":
             folder = ensure_tiny_model(model_cfg.tiny_dir)
@@ -109,35 +110,33 @@ def load_vae(name: str, dtype, local_only: bool):
     try:
         path = Path(os.path.expanduser(name))
         if path.suffix in SINGLE_FILE_SUFFIXES:
-            return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype, local_files_only=local_only)
-        return AutoencoderKL.from_pretrained(name, torch_dtype=dtype, local_files_only=local_only)
+            return AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=local_only)
+        return AutoencoderKL.from_pretrained(name, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.vae: could not load the VAE '{name}' (a diffusers AutoencoderKL folder, "
                              f"hub id or single file was expected): {str(exc).splitlines()[0]}") from None
 
 
-def load_backbone(model_cfg, device: str | torch.device | None = None) -> Backbone:
-    """Load the pipeline, freeze it, attach the reference DDIM scheduler, move it to the device."""
-    pipe = load_pipeline(model_cfg)
-    device = resolve_device(str(device or model_cfg.device))
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-        module.eval()
-    backbone = Backbone(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                        scheduler=make_ddim_scheduler(dict(pipe.scheduler.config)), source=str(model_cfg.name_or_path))
-    return backbone.to(device)
+def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:
+    """Load the pipeline in the policy's weight dtype, freeze it, put it on the policy's device (the one move)
+    and attach the reference DDIM scheduler. Without a policy: ``model.device`` in fp32."""
+    if policy is None:
+        policy = DevicePolicy(resolve_device(str(model_cfg.device)), "32", torch.float32)
+    pipe = load_pipeline(model_cfg, policy.weight_dtype)
+    return Backbone.from_pipeline(pipe, policy, source=str(model_cfg.name_or_path))
 
 
 @torch.no_grad()
-def encode_prompt(backbone: Backbone, prompt: str) -> torch.Tensor:
-    """CLIP embedding of the prompt, padded/truncated to the tokenizer's 77 tokens; warns when truncated."""
+def encode_prompt(backbone: Backbone, prompt: str, device: torch.device | None = None) -> torch.Tensor:
+    """CLIP embedding of the prompt, padded/truncated to the tokenizer's 77 tokens; warns when truncated.
+    ``device``: where the text encoder is, when that is not ``backbone.device`` (a DDP process's device)."""
     import warnings
     tok = backbone.tokenizer
     n_tokens = len(tok(prompt, truncation=False).input_ids)
     if n_tokens > tok.model_max_length:
         warnings.warn(f"prompt: {n_tokens} tokens, more than {tok.model_max_length}; it was truncated", stacklevel=2)
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(backbone.device)
+              return_tensors="pt").input_ids.to(device or backbone.device)
     return backbone.text_encoder(ids)[0]
 
 

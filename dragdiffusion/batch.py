@@ -38,13 +38,13 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from . import quiet_lightning
 from .data.datamodule import DragDataModule
 from .data.validate import check_dataset, format_report
 from .errors import ConfigError, DragError, UnsafePickleError
 from .io import save_json, save_text
 from .loggers import close_logger, edit_media, log_batch_results, make_logger
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
+from .policy import DevicePolicy, distributed_trainer
 
 SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "seconds", "error", "rank")
 
@@ -111,6 +111,7 @@ class EditJob:
         self.cfg = cfg
         self.out_root = Path(cfg.out)
         self.backbone = None
+        self.policy: DevicePolicy | None = None
         self.media: dict[str, dict] = {}  # thumbnails + curves of this process's samples, for the logger's table
 
     def is_done(self, name: str) -> bool:
@@ -119,7 +120,8 @@ class EditJob:
     def setup(self, device: torch.device) -> None:
         from .backbone import load_backbone
         if self.backbone is None:
-            self.backbone = load_backbone(self.cfg.model, device)
+            self.policy = DevicePolicy.from_config(self.cfg, device)
+            self.backbone = load_backbone(self.cfg.model, self.policy)
 
     def sample_config(self, name: str) -> DictConfig:
         """The run's config; in pipeline mode (lora.enabled) with a LoRA already on disk, that LoRA is loaded."""
@@ -131,7 +133,7 @@ class EditJob:
         from .editor import DragEditor
         out = self.out_root / name
         cfg = self.sample_config(name)
-        editor = DragEditor(cfg, backbone=self.backbone)
+        editor = DragEditor(cfg, backbone=self.backbone, policy=self.policy)
         with torch.enable_grad():  # predict runs under no_grad; the drag optimization needs autograd
             result = editor.edit(sample, out_dir=out)
         check_finite(result.trajectory, result.z_edited)
@@ -158,6 +160,7 @@ class LoraJob:
         self.cfg = cfg
         self.out_root = Path(cfg.out)
         self.backbone = None
+        self.policy: DevicePolicy | None = None
 
     def is_done(self, name: str) -> bool:
         return (self.out_root / name / LORA_WEIGHTS).is_file()
@@ -165,14 +168,15 @@ class LoraJob:
     def setup(self, device: torch.device) -> None:
         from .backbone import load_backbone
         if self.backbone is None:
-            self.backbone = load_backbone(self.cfg.model, device)
+            self.policy = DevicePolicy.from_config(self.cfg, device)
+            self.backbone = load_backbone(self.cfg.model, self.policy)
 
     def run(self, sample, name: str) -> dict:
         from .lora import train_lora_for_sample
         with torch.enable_grad():
             # no run per sample: the job's one run (rank 0) gets the table of all samples
             cfg = OmegaConf.merge(self.cfg, {"logger": {"name": "none"}})
-            train_lora_for_sample(cfg, sample, self.out_root / name, self.backbone)
+            train_lora_for_sample(cfg, sample, self.out_root / name, self.backbone, self.policy)
         return {}
 
     def finished_row(self, name: str) -> dict:
@@ -224,25 +228,15 @@ class BatchModule(L.LightningModule):
 def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
     """The outer Trainer: only dispatches samples to processes (accelerator/devices/nodes/strategy from the config).
 
-    Its progress bar counts samples (rank 0's); it is a TQDM bar because the per-sample drag Trainers draw
-    Rich bars inside it, and two Rich bars cannot nest."""
+    It runs in 32-bit (``trainer.precision`` applies inside each sample's own Trainers) and with autograd on
+    (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's); it is a
+    TQDM bar because the per-sample drag Trainers draw Rich bars inside it, and two Rich bars cannot nest."""
     from lightning.pytorch.callbacks import TQDMProgressBar
     progress = bool(trainer_cfg.enable_progress_bar) and not quiet
-    quiet_lightning(quiet)
-    devices = trainer_cfg.devices
-    if OmegaConf.is_list(devices):
-        devices = list(devices)
-    try:
-        return L.Trainer(
-            accelerator=str(trainer_cfg.accelerator), devices=devices, num_nodes=int(trainer_cfg.num_nodes),
-            strategy=str(trainer_cfg.strategy),
-            precision="32-true",  # trainer.precision applies inside each sample's own drag Trainer, not here
-            inference_mode=False,  # the per-sample optimization needs autograd inside predict_step
-            use_distributed_sampler=False,  # DragDataModule shards without padding: every sample exactly once
-            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-            callbacks=[TQDMProgressBar()] if progress else [])
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise ConfigError(f"trainer.*: {str(exc).splitlines()[0]}") from None
+    return distributed_trainer(trainer_cfg, precision="32", quiet=quiet, inference_mode=False,
+                               use_distributed_sampler=False,  # DragDataModule shards unpadded: each sample once
+                               logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+                               callbacks=[TQDMProgressBar()] if progress else [])
 
 
 def gather_rows(rows: list[dict]) -> list[dict]:
@@ -268,6 +262,7 @@ def write_summary(out_root: Path, rows: list[dict], info: dict) -> None:
 def run_dataset(cfg: DictConfig, job) -> int:
     """Validate, shard, run ``job`` per sample, write the summary; 0 all done, 1 some sample failed."""
     tic = time.perf_counter()
+    DevicePolicy.from_config(cfg)  # precision, dtype and device are checked before anything runs
     checks = check_dataset(cfg.data)
     say(format_report(checks))
     unsafe = [c.name for c in checks if c.unsafe]

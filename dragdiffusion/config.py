@@ -17,6 +17,18 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "logger", "trainer")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+PRECISION_ALIASES = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
+PRECISION_EXPECTED = "one of 32, 16-mixed, bf16-mixed (32-true, 16 and bf16 are accepted as aliases)"
+
+
+def normalize_precision(value) -> str:
+    """``trainer.precision`` as one of PRECISIONS; a ConfigError listing every accepted value otherwise."""
+    text = str(value)
+    text = PRECISION_ALIASES.get(text, text)
+    if text not in PRECISIONS:
+        raise ConfigError(f"config key 'trainer.precision' = {value!r}: expected {PRECISION_EXPECTED}")
+    return text
 
 
 @dataclass
@@ -25,7 +37,7 @@ class ModelConfig:
     name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     vae: Optional[str] = None  # optional separate VAE (hub id or folder), e.g. stabilityai/sd-vae-ft-mse
     single_file_config: Optional[str] = None  # diffusers folder/hub id giving the layout of a single-file checkpoint
-    dtype: str = "float32"  # weights dtype: float32 | float16 | bfloat16
+    dtype: str = "auto"  # frozen weights: auto (half on a GPU under mixed precision) | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     local_files_only: bool = False  # never reach the network (also when HF_HUB_OFFLINE=1)
     tiny_dir: Optional[str] = None  # where the tiny model is written (default: ~/.cache/dragdiffusion)
@@ -84,7 +96,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32"  # 32 | bf16-mixed | 16-mixed
+    precision: str = "32"  # 32 | 16-mixed | bf16-mixed (dragdiffusion.policy: one policy for every stage)
     enable_progress_bar: bool = True
     log_every_n_steps: int = 1
 
@@ -275,10 +287,10 @@ def validate_config(cfg: DictConfig) -> None:
         check(d.optimizer in ("adam", "adamw", "sgd"), "drag.optimizer", "one of adam, adamw, sgd")
         check(d.guidance_scale >= 1.0, "drag.guidance_scale", "a number >= 1.0")
     if "trainer" in cfg:
-        check(str(cfg.trainer.precision) in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
-              "trainer.precision", "one of 32, bf16-mixed, 16-mixed")
+        normalize_precision(cfg.trainer.precision)
     if "model" in cfg:
-        check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "float32, float16 or bfloat16")
+        check(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype",
+              "auto, float32, float16 or bfloat16")
     if "logger" in cfg:
         check(cfg.logger.name in ("none", "wandb", "tensorboard", "csv"), "logger.name",
               "one of none, wandb, tensorboard, csv")

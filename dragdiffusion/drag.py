@@ -94,10 +94,6 @@ class DragEditModule(L.LightningModule):
         return self.mask_regularization is not None and self.mask_regularization.active(self)
 
     # ------------------------------------------------------------------ Lightning hooks
-    def on_fit_start(self):
-        if self.unet.device != self.device:
-            self.unet.to(self.device)
-
     def remember_original(self, eps: torch.Tensor | None, feat: torch.Tensor) -> None:
         """Keep F0 and x0_prev of the original z_t (no grad)."""
         self.feat0 = feat.detach()

@@ -5,7 +5,6 @@ reference-latent control -> image of the input's size + trajectory.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,11 +21,13 @@ from .attention import StepWindow, reference_control
 from .backbone import Backbone, decode_latent, encode_image, encode_prompt, load_backbone
 from .callbacks import MaskRegularization, PointTracking
 from .config import EditConfig, load_config, to_yaml
+from .errors import ConfigError
 from .ddim import ddim_denoise, ddim_invert, inversion_timesteps
 from .drag import DragEditModule
 from .loggers import TrajectoryLogger, log_edit_result
 from .io import save_json, save_png, save_text
 from .motion import resize_mask
+from .policy import DevicePolicy
 from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, pixels_to_grid, working_size
 
 
@@ -79,31 +80,6 @@ def to_uint8_image(x: torch.Tensor, size_wh: tuple[int, int]) -> np.ndarray:
     return (x[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def make_trainer(trainer_cfg, max_steps: int, callbacks, logger=False, device: torch.device | None = None,
-                 quiet: bool = False) -> L.Trainer:
-    """The Lightning Trainer of one drag optimization (single device: gradients are never shared).
-
-    It may run inside a process of a multi-device batch run (``batch.py``: DDP, torchrun, SLURM). The explicit
-    ``LightningEnvironment`` keeps it out of that cluster: without it Lightning detects SLURM/torchelastic from
-    the environment variables, and this inner loop would install SLURM's requeue signal handlers of its own.
-    Device, signals and requeueing belong to the outer Trainer; this one is one device, one process.
-    """
-    from lightning.pytorch.plugins.environments import LightningEnvironment
-    quiet_lightning(quiet)
-    accelerator = str(trainer_cfg.accelerator)
-    devices: object = 1
-    if device is not None:
-        accelerator = "gpu" if device.type == "cuda" else device.type
-        devices = [device.index or 0] if device.type == "cuda" else 1
-    return L.Trainer(
-        accelerator=accelerator, devices=devices, strategy="auto", num_nodes=1, plugins=[LightningEnvironment()],
-        precision=str(trainer_cfg.precision), max_steps=max_steps, max_epochs=1, callbacks=list(callbacks),
-        logger=logger, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=int(trainer_cfg.log_every_n_steps),
-        enable_progress_bar=bool(trainer_cfg.enable_progress_bar) and not quiet,
-    )
-
-
 class DragEditor:
     """Drag-edit samples with one loaded backbone.
 
@@ -112,8 +88,13 @@ class DragEditor:
     >>> result.save("outputs/my_edit", editor.cfg)
     """
 
-    def __init__(self, cfg: DictConfig | None = None, backbone: Backbone | None = None):
+    def __init__(self, cfg: DictConfig | None = None, backbone: Backbone | None = None,
+                 policy: DevicePolicy | None = None):
         self.cfg = cfg if cfg is not None else OmegaConf.structured(EditConfig)
+        # the device and precision of every stage (checked here, before any model loads)
+        self.policy = policy or DevicePolicy.from_config(self.cfg, backbone.device if backbone is not None else None)
+        if backbone is not None and backbone.device != self.policy.device:
+            raise ConfigError(f"the backbone is on {backbone.device} but the policy says {self.policy.device}")
         self._backbone = backbone
 
     @classmethod
@@ -124,28 +105,21 @@ class DragEditor:
     def backbone(self) -> Backbone:
         if self._backbone is None:
             quiet_lightning(bool(self.cfg.get("quiet", False)))
-            self._backbone = load_backbone(self.cfg.model)
+            self._backbone = load_backbone(self.cfg.model, self.policy)
         return self._backbone
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.device
+        return self.policy.device
 
     # ---------------------------------------------------------------- stages
-    def autocast(self):
-        """Autocast for inversion and denoising, following ``trainer.precision`` (the drag loop's is Lightning's)."""
-        precision = str(self.cfg.trainer.precision)
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-        device_type = self.device.type
-        if dtype is None or (device_type == "cpu" and dtype == torch.float16):
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=dtype)
-
     def unet_fn(self):
+        """eps(z, t, cond) in fp32 for the passes outside a Trainer (inversion, denoising, generation)."""
         unet = self.backbone.unet
+        policy = self.policy
 
         def fn(z, t, c):
-            with self.autocast():
+            with policy.autocast():
                 return unet(z.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
         return fn
 
@@ -176,7 +150,9 @@ class DragEditor:
         if d.mask_regularization:
             cbs.append(MaskRegularization(d.lam))
         if d.n_pix_step > 0:
-            trainer = make_trainer(self.cfg.trainer, d.n_pix_step, cbs, logger, self.device, self.cfg.quiet)
+            tc = self.cfg.trainer
+            trainer = self.policy.trainer(d.n_pix_step, cbs, logger, bool(self.cfg.quiet), bool(tc.enable_progress_bar),
+                                          int(tc.log_every_n_steps))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
                                                   "`training_step` returned `None`|TPU available).*")
@@ -236,7 +212,7 @@ class DragEditor:
         seconds["lora"] = time.perf_counter() - tic
         cond = encode_prompt(backbone, sample.prompt)
         uncond = encode_prompt(backbone, "") if d.guidance_scale > 1 else None
-        image = to_tensor_image(sample.image, (work_w, work_h)).to(backbone.device)
+        image = to_tensor_image(sample.image, (work_w, work_h)).to(self.device)
 
         tic = time.perf_counter()
         _, z_t, t, denoise_ts = self.invert(image, cond)
@@ -244,9 +220,9 @@ class DragEditor:
 
         mask_latent = None
         if sample.has_mask:
-            mask_latent = resize_mask(torch.from_numpy(sample.mask), tuple(z_t.shape[-2:])).to(backbone.device)
+            mask_latent = resize_mask(torch.from_numpy(sample.mask), tuple(z_t.shape[-2:])).to(self.device)
         tic = time.perf_counter()
-        module = self.drag_latent(z_t, t, cond, handles_rc.to(backbone.device), targets_rc.to(backbone.device),
+        module = self.drag_latent(z_t, t, cond, handles_rc.to(self.device), targets_rc.to(self.device),
                                   grid_hw, mask_latent, self.logging_callbacks(sample, callbacks, logger),
                                   logger or False)
         seconds["drag"] = time.perf_counter() - tic
@@ -258,7 +234,7 @@ class DragEditor:
         out_image = to_uint8_image(edited, (sample.width, sample.height))
 
         trajectory = edit_trajectory(module, sample, (work_w, work_h), grid_hw, t, lora_file, seconds)
-        result = EditResult(out_image, trajectory, sample, seconds, z_t.detach().cpu(), module.edited_latent().cpu())
+        result = EditResult(out_image, trajectory, sample, seconds, z_t.detach(), module.edited_latent())
         log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
         return result
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -44,6 +45,7 @@ from .data.readers import find_samples, read_sample
 from .errors import ConfigError, DragError
 from .io import save_json, save_text
 from .metrics import ImageFidelity, MeanDistance, as_image_tensor
+from .policy import DevicePolicy, distributed_trainer
 from .sample import read_image
 
 EVALUATE_YAML = CONFIG_DIR / "evaluate.yaml"
@@ -185,8 +187,13 @@ def write_report(out: str | Path, report: dict, cfg: DictConfig | None = None) -
 # ----------------------------------------------------------------------------------------------- Lightning
 
 def build_mean_distance(cfg: DictConfig) -> MeanDistance:
+    """The Mean Distance metric with its DIFT model loaded on the CPU in the policy's weight dtype; Lightning
+    places it on each process's device once (the evaluation Trainer owns it)."""
+    from .backbone import load_backbone
     m = cfg.mean_distance
-    return MeanDistance(cfg.model, t=m.t, up_block=m.up_block, ensemble_size=m.ensemble_size, width=m.width,
+    policy = DevicePolicy.from_config(cfg)
+    backbone = load_backbone(cfg.model, DevicePolicy(torch.device("cpu"), policy.precision, policy.weight_dtype))
+    return MeanDistance(backbone=backbone, t=m.t, up_block=m.up_block, ensemble_size=m.ensemble_size, width=m.width,
                         search=m.search, normalize=m.normalize, seed=m.seed, chunk_rows=m.chunk_rows)
 
 
@@ -248,21 +255,6 @@ class EvaluationModule(L.LightningModule):
         self.report = make_report(rows, md, fid, self.cfg)
 
 
-def make_trainer(trainer_cfg, logger, quiet: bool) -> L.Trainer:
-    devices = trainer_cfg.devices
-    if OmegaConf.is_list(devices):
-        devices = list(devices)
-    try:
-        return L.Trainer(accelerator=str(trainer_cfg.accelerator), devices=devices,
-                         num_nodes=int(trainer_cfg.num_nodes), strategy=str(trainer_cfg.strategy),
-                         precision=str(trainer_cfg.precision), logger=logger, inference_mode=False,
-                         use_distributed_sampler=False,  # our shards never repeat a sample
-                         enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=bool(trainer_cfg.enable_progress_bar) and not quiet)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise ConfigError(f"trainer.*: {str(exc).splitlines()[0]}") from None
-
-
 def log_report(logger, report: dict) -> None:
     """The summary and per-category figures as metrics, the per-sample rows as a table (rank 0 only)."""
     from .loggers import log_table
@@ -301,7 +293,9 @@ def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
     tic = time.perf_counter()
     module = EvaluationModule(cfg, entries, mean_distance, image_fidelity)
     logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)
-    trainer = make_trainer(cfg.trainer, logger, cfg.quiet)
+    trainer = distributed_trainer(cfg.trainer, quiet=cfg.quiet, logger=logger, inference_mode=False,
+                                  use_distributed_sampler=False,  # our shards never repeat a sample
+                                  enable_checkpointing=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|TPU available).*")
         trainer.validate(module, verbose=False)

@@ -32,18 +32,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from lightning.pytorch.plugins.environments import LightningEnvironment
-
-from . import quiet_lightning
 from .backbone import Backbone, encode_prompt, load_backbone
 from .errors import ConfigError, ModelLoadError
 from .data.datamodule import StepIndices
 from .io import save_text
+from .policy import DevicePolicy, distributed_trainer
 
 ADAPTER = "identity"  # the peft adapter name of the identity LoRA inside a UNet
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _QUIET_WARNINGS = ".*(does not have many workers|GPU available but not used|TPU available|LitLogger|" \
-                  "exists and is not empty|ended before the epoch ended).*"
+                  "exists and is not empty|ended before the epoch ended|module\\(s\\) in eval mode).*"
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -305,8 +303,12 @@ class LoraIdentityModule(L.LightningModule):
     def __init__(self, backbone: Backbone, image: np.ndarray, prompt: str, lora):
         super().__init__()
         self.lora = lora
+        # submodules, so that DDP (several devices) places them; checkpoints keep only the LoRA weights, and the
+        # single-device Trainer (KeepOnDeviceStrategy) never moves them
         self.unet = backbone.unet
-        self.backbone = backbone  # a plain dataclass, not a Module: its VAE/text encoder are not saved
+        self.vae = backbone.vae
+        self.text_encoder = backbone.text_encoder
+        self.backbone = backbone  # a plain dataclass (tokenizer, scheduler)
         self.image = image
         self.prompt = prompt or ""
         add_identity_lora(self.unet, lora, lora.seed)
@@ -334,14 +336,11 @@ class LoraIdentityModule(L.LightningModule):
         self.generator.manual_seed(int(self.lora.seed) + int(self.global_rank))  # restored later on resume
 
     def on_fit_start(self):
-        for module in (self.backbone.vae, self.backbone.text_encoder):
-            if module.device != self.device:
-                module.to(self.device)
-        self.cond = encode_prompt(self.backbone, self.prompt)  # once
+        self.cond = encode_prompt(self.backbone, self.prompt, self.device)  # once
         self.unet.train()  # as the reference (SD's UNet has no dropout: the numbers are the same)
         if self.lora.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.views = ViewSampler(self.backbone.vae, self.image, self.lora.resolution, self.lora.cache_latents)
+        self.views = ViewSampler(self.vae, self.image, self.lora.resolution, self.lora.cache_latents)
 
     def training_step(self, batch, batch_idx):
         x0 = self.views.sample(self.views_per_device, self.generator).to(self.device)
@@ -399,45 +398,22 @@ class SaveLoraEvery(L.Callback):
 
 # ----------------------------------------------------------------------------------------------- running it
 
-def make_lora_trainer(trainer_cfg, steps: int, callbacks=(), logger=False, device: torch.device | None = None,
-                      quiet: bool = False) -> L.Trainer:
-    """The Trainer of one LoRA: accelerator/devices/strategy from the config, or the one ``device`` given."""
-    precision = str(trainer_cfg.precision)
-    if precision.endswith("-true"):
-        raise ConfigError(f"config key 'trainer.precision' = {precision!r}: the LoRA stage keeps the frozen model "
-                          "in its dtype; expected 32, bf16-mixed or 16-mixed")
-    accelerator, devices, strategy = str(trainer_cfg.accelerator), trainer_cfg.devices, str(trainer_cfg.strategy)
-    if device is not None:
-        accelerator = "gpu" if device.type == "cuda" else device.type
-        devices = [device.index or 0] if device.type == "cuda" else 1
-        strategy = "auto"
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if precision == "16-mixed" and on_cpu:
-        raise ConfigError("config key 'trainer.precision' = '16-mixed': fp16 autocast needs a GPU; use bf16-mixed "
-                          "or 32 on the CPU")
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        devices = list(devices)
-    quiet_lightning(quiet)
-    # one given device: keep out of any cluster environment (SLURM requeue handlers belong to the outer job)
-    plugins = [LightningEnvironment()] if device is not None else None
-    return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, plugins=plugins,
-                     num_nodes=1 if device is not None else int(trainer_cfg.num_nodes), precision=precision,
-                     max_steps=int(steps), max_epochs=-1, callbacks=list(callbacks), logger=logger,
-                     enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-                     enable_model_summary=False, num_sanity_val_steps=0,
-                     log_every_n_steps=int(trainer_cfg.log_every_n_steps),
-                     enable_progress_bar=bool(trainer_cfg.enable_progress_bar) and not quiet)
+def runs_on_one_device(trainer_cfg) -> bool:
+    """``trainer.devices`` = 1 (or one listed device) on one node: the policy's single-device Trainer."""
+    devices = trainer_cfg.devices
+    one = devices == 1 or (OmegaConf.is_list(devices) or isinstance(devices, (list, tuple))) and len(devices) == 1
+    return bool(one) and int(trainer_cfg.num_nodes) == 1
 
 
 def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, trainer_cfg, out_dir: str | Path | None,
-               logger=False, ckpt_path: str | None = None, quiet: bool = False, single_device: bool = True,
+               logger=False, ckpt_path: str | None = None, quiet: bool = False, policy: DevicePolicy | None = None,
                callbacks=()) -> LoraIdentityModule:
     """Train the identity LoRA into ``backbone.unet`` (it stays there, active and frozen afterwards).
 
     With ``out_dir``: writes ``out_dir/pytorch_lora_weights.safetensors``, with ``lora.save_every`` = N > 0 also
     ``out_dir/step-NNNNN/`` LoRA snapshots and resumable Lightning checkpoints ``out_dir/checkpoints/``.
-    ``single_device``: train on ``backbone.device`` (the editor's and per-sample workers' case); otherwise the
-    Trainer's accelerator/devices/strategy come from ``trainer_cfg``.
+    ``policy``: train on its one device (an edit, a per-sample job; the backbone is already there). Without it
+    the Trainer spreads the views over ``trainer.devices`` x ``trainer.num_nodes`` processes (DDP).
     """
     module = LoraIdentityModule(backbone, image, prompt, lora_cfg)
     callbacks = list(callbacks)
@@ -447,9 +423,15 @@ def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, tra
         callbacks.append(ModelCheckpoint(dirpath=Path(out_dir) / "checkpoints", filename="step-{step:05d}",
                                          auto_insert_metric_name=False, every_n_train_steps=int(lora_cfg.save_every),
                                          save_top_k=-1, save_last=False, enable_version_counter=False))
-    trainer = make_lora_trainer(trainer_cfg, int(lora_cfg.steps), callbacks, logger,
-                                backbone.device if single_device else None, quiet)
-    if int(lora_cfg.steps) > 0:
+    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    steps = int(lora_cfg.steps)
+    if policy is not None:
+        trainer = policy.trainer(steps, callbacks, logger, quiet, bool(trainer_cfg.enable_progress_bar),
+                                 int(trainer_cfg.log_every_n_steps), enable_checkpointing=checkpointing)
+    else:
+        trainer = distributed_trainer(trainer_cfg, quiet=quiet, max_steps=steps, max_epochs=-1,
+                                      callbacks=callbacks, logger=logger, enable_checkpointing=checkpointing)
+    if steps > 0:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _QUIET_WARNINGS)
             trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
@@ -459,24 +441,34 @@ def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, tra
     return module
 
 
-def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone: Backbone | None = None) -> Path:
+def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone: Backbone | None = None,
+                          policy: DevicePolicy | None = None) -> Path:
     """Train one sample's identity LoRA (``cfg`` a LoraTrainConfig); writes ``out_dir/pytorch_lora_weights.safetensors``
     and ``out_dir/config.yaml``; returns the weights file. Only ``sample.image``, ``.prompt`` and ``.name`` are used.
 
-    With ``backbone`` (already on its device) it trains on that device; the adapter stays in ``backbone.unet``
-    until the next call replaces it.
+    With ``backbone`` (already on its device; ``policy`` says which) it trains there; the adapter stays in
+    ``backbone.unet`` until the next call replaces it. Without, the model is loaded: on the policy's device for one
+    device, or on the CPU for Lightning to place on each process's device (``trainer.devices`` > 1).
     """
     from .config import to_yaml
     from .loggers import close_logger, log_lora_artifact, lora_callbacks, make_logger
     out_dir = Path(out_dir)
-    single = backbone is not None
-    backbone = backbone if backbone is not None else load_backbone(cfg.model)
+    if backbone is not None:
+        policy = policy or DevicePolicy.from_config(cfg, backbone.device)
+    else:
+        policy = DevicePolicy.from_config(cfg)  # checks the precision and dtype before the model loads
+        if runs_on_one_device(cfg.trainer):
+            backbone = load_backbone(cfg.model, policy)
+        else:
+            backbone = load_backbone(cfg.model, DevicePolicy(torch.device("cpu"), policy.precision,
+                                                             policy.weight_dtype))
+            policy = None
     run_name = "lora-" + str(sample.name).replace("/", "__")
     logger = make_logger(cfg.logger, config=cfg, quiet=bool(cfg.quiet), run_name=run_name)
     failed = True
     try:
         train_lora(backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, out_dir, logger,
-                   ckpt_path=cfg.get("ckpt_path"), quiet=bool(cfg.quiet), single_device=single,
+                   ckpt_path=cfg.get("ckpt_path"), quiet=bool(cfg.quiet), policy=policy,
                    callbacks=lora_callbacks(logger))
         save_text(out_dir / "config.yaml", to_yaml(cfg))
         log_lora_artifact(logger, out_dir / WEIGHT_NAME, name=run_name)
@@ -505,7 +497,8 @@ def prepare_for_edit(editor, sample, out_dir: str | Path | None = None, logger=F
         return None
     lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
     train_lora(backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, lora_dir, logger=logger or False,
-               quiet=bool(cfg.get("quiet", False)), callbacks=lora_callbacks(logger) + list(callbacks))
+               quiet=bool(cfg.get("quiet", False)), policy=editor.policy,
+               callbacks=lora_callbacks(logger) + list(callbacks))
     if lora_dir is None:
         return None
     save_text(lora_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"lora": cfg.lora, "model": cfg.model})))

@@ -188,7 +188,8 @@ class MeanDistance(Metric):
         distance_normalizer(normalize, (1, 1))  # validates the mode
         if backbone is None:
             from .backbone import load_backbone  # through load_pipeline: a missing model gives ModelLoadError
-            backbone = load_backbone(_model_config(model), device="cpu")
+            from .policy import DevicePolicy
+            backbone = load_backbone(_model_config(model), DevicePolicy.cpu())
         self.backbone = backbone
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
         n_train = len(backbone.scheduler.alphas_cumprod)
@@ -222,7 +223,7 @@ class MeanDistance(Metric):
             raise SampleError("points", f"expected as many targets as handles, got {len(handles)} and "
                                         f"{len(targets)}", name or None)
         work_w, work_h = (W, H) if self.width is None else working_size(W, H, int(self.width))
-        cond = encode_prompt(self.backbone, prompt)
+        cond = encode_prompt(self.backbone, prompt, self.text_encoder.device)  # where Lightning put the metric
         seed = sample_seed(name, self.seed)
         feats = [self.features(resize_image(x, (work_h, work_w)), cond, seed) for x in (src, edt)]
         search_mask = None

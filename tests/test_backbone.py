@@ -4,8 +4,12 @@ import torch
 
 from dragdiffusion.backbone import load_backbone
 from dragdiffusion.config import load_config
+from dragdiffusion.policy import DevicePolicy
 from dragdiffusion.tiny import SD15_UNET_CONFIG, build_tiny_pipeline, ensure_tiny_model
 from ldm_format import save_single_file
+
+
+CPU = DevicePolicy.cpu()
 
 
 def model_cfg(*overrides):
@@ -21,7 +25,7 @@ def unet_out(backbone):
 
 
 def test_tiny_has_sd15_topology(tiny_model_dir):
-    b = load_backbone(model_cfg("model=tiny"), "cpu")
+    b = load_backbone(model_cfg("model=tiny"), CPU)
     cfg = b.unet.config
     assert tuple(cfg.down_block_types) == SD15_UNET_CONFIG["down_block_types"]
     assert tuple(cfg.up_block_types) == SD15_UNET_CONFIG["up_block_types"]
@@ -33,8 +37,8 @@ def test_tiny_has_sd15_topology(tiny_model_dir):
 def test_tiny_is_deterministic_and_reloads_through_the_loader(tmp_path, tiny_model_dir):
     folder = ensure_tiny_model(tmp_path / "tiny")
     assert (folder / "model_index.json").exists() and (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    a = load_backbone(model_cfg("model=tiny", f"model.tiny_dir={folder}"), "cpu")
-    b = load_backbone(model_cfg(f"model.name_or_path={tiny_model_dir}"), "cpu")  # a local diffusers folder
+    a = load_backbone(model_cfg("model=tiny", f"model.tiny_dir={folder}"), CPU)
+    b = load_backbone(model_cfg(f"model.name_or_path={tiny_model_dir}"), CPU)  # a local diffusers folder
     assert torch.equal(unet_out(a), unet_out(b))
     fresh = build_tiny_pipeline(seed=0)
     assert all(torch.equal(p, q) for p, q in zip(fresh.unet.parameters(), a.unet.parameters()))
@@ -46,8 +50,8 @@ def test_single_file_checkpoint_loads_to_the_same_model(tmp_path, tiny_model_dir
     ckpt = tmp_path / "tiny-sd15.safetensors"
     save_single_file(pipe, ckpt)
     single = load_backbone(model_cfg(f"model.name_or_path={ckpt}", f"model.single_file_config={tiny_model_dir}",
-                                     "model.local_files_only=true"), "cpu")
-    folder = load_backbone(model_cfg(f"model.name_or_path={tiny_model_dir}"), "cpu")
+                                     "model.local_files_only=true"), CPU)
+    folder = load_backbone(model_cfg(f"model.name_or_path={tiny_model_dir}"), CPU)
     assert torch.allclose(unet_out(single), unet_out(folder), atol=1e-5)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -58,7 +62,9 @@ def test_separate_vae_and_dtype(tmp_path, tiny_model_dir):
     from diffusers import AutoencoderKL
     other = AutoencoderKL(**{**AutoencoderKL.load_config(tiny_model_dir / "vae")})  # fresh random weights
     other.save_pretrained(tmp_path / "vae")
-    b = load_backbone(model_cfg("model=tiny", f"model.vae={tmp_path / 'vae'}", "model.dtype=bfloat16"), "cpu")
+    cfg = load_config("configs/edit.yaml", ["model=tiny", f"model.vae={tmp_path / 'vae'}", "model.dtype=bfloat16",
+                                            "trainer=cpu", "trainer.precision=bf16-mixed"])
+    b = load_backbone(cfg.model, DevicePolicy.from_config(cfg))
     assert b.unet.dtype == torch.bfloat16 and b.vae.dtype == torch.bfloat16
     assert torch.equal(b.vae.decoder.conv_out.weight.float(), other.decoder.conv_out.weight.to(torch.bfloat16).float())
 
@@ -66,6 +72,6 @@ def test_separate_vae_and_dtype(tmp_path, tiny_model_dir):
 def test_folder_without_model_index_is_a_clear_error(tmp_path):
     from dragdiffusion.errors import ModelLoadError
     with pytest.raises(ModelLoadError, match="model_index.json"):
-        load_backbone(model_cfg(f"model.name_or_path={tmp_path}"), "cpu")
+        load_backbone(model_cfg(f"model.name_or_path={tmp_path}"), CPU)
     with pytest.raises(ModelLoadError, match="model.vae"):
-        load_backbone(model_cfg("model=tiny", f"model.vae={tmp_path / 'missing-vae'}"), "cpu")
+        load_backbone(model_cfg("model=tiny", f"model.vae={tmp_path / 'missing-vae'}"), CPU)

@@ -201,9 +201,7 @@ def test_non_finite_losses_or_latents_are_failures():
 def test_nested_drag_trainer_stays_out_of_the_cluster(monkeypatch):
     """Inside a SLURM job the per-sample Trainer must not install SLURM's requeue handler of its own."""
     import lightning as L
-    from omegaconf import OmegaConf
-    from dragdiffusion.config import TrainerConfig
-    from dragdiffusion.editor import make_trainer
+    from dragdiffusion.policy import DevicePolicy
     for key, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
                        "SLURM_JOB_NAME": "drag", "SLURM_JOB_ID": "42", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
                        "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
@@ -230,8 +228,7 @@ def test_nested_drag_trainer_stays_out_of_the_cluster(monkeypatch):
             return torch.utils.data.DataLoader(range(2), batch_size=1)
 
     before = signal.getsignal(signal.SIGUSR1)
-    cfg = OmegaConf.structured(TrainerConfig(accelerator="cpu", enable_progress_bar=False))
-    trainer = make_trainer(cfg, 2, [Probe()], device=torch.device("cpu"), quiet=True)
+    trainer = DevicePolicy.cpu().trainer(2, [Probe()], quiet=True)
     module = Tiny()
     trainer.fit(module)
     assert seen == {"sigusr1": before, "global_rank": 0}

@@ -38,7 +38,8 @@ test_image.__test__ = False
 @pytest.fixture(scope="module")
 def backbone(tiny_model_dir):
     from dragdiffusion.backbone import load_backbone
-    return load_backbone(lora_cfg().model, device="cpu")
+    from dragdiffusion.policy import DevicePolicy
+    return load_backbone(lora_cfg().model, DevicePolicy.cpu())
 
 
 def stock_pipeline(folder):

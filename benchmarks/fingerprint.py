@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Fingerprints of the pipeline's outputs on the tiny model (CPU, fp32): a refactor must not change them.
+
+  python benchmarks/fingerprint.py > before.json      # on the old code
+  python benchmarks/fingerprint.py > after.json       # on the new code
+  python benchmarks/fingerprint.py --compare before.json
+
+Three runs, each hashed (sha256 of the raw bytes) and summarised: an edit of the demo sample with a trained
+identity LoRA (image, edited latent, handle path, losses), a generated-image edit, and the LoRA weights alone.
+``--mask-free`` drops the demo's mask (for comparing across a change of the mask's resizing).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+COMMON = ["model=tiny", "trainer=cpu", "quiet=true", "lora.steps=3", "lora.resolution=64"]
+SETTINGS = COMMON + ["drag.width=128", "drag.n_pix_step=6", "generation.width=128", "generation.height=96",
+                     "generation.steps=10"]
+
+
+def digest(x) -> str:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def edit_record(result) -> dict:
+    t = result.trajectory
+    return {"image": digest(result.image), "z_edited": digest(result.z_edited), "handles": digest(t["handles"]),
+            "loss": digest(t["loss"]), "iterations": t["iterations"], "first_loss": t["loss"][:1]}
+
+
+def fingerprints(mask_free: bool = False) -> dict:
+    from dragdiffusion.config import LoraTrainConfig, load_config
+    from dragdiffusion.demo import demo_sample
+    from dragdiffusion.editor import DragEditor
+    from dragdiffusion.lora import train_lora_for_sample
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    sample = demo_sample(160, 120)
+    if mask_free:
+        sample.mask = None
+    editor = DragEditor.from_config(None, SETTINGS + ["lora.enabled=true"])
+    out = {"edit_with_lora": edit_record(editor.edit(sample))}
+    generated = editor.generate("a red ball")
+    out["generated_image"] = digest(generated.image)
+    result = editor.edit_generated(generated, [[40, 50], [70, 50]], None if mask_free else np.ones((96, 128)))
+    out["generated_edit"] = edit_record(result)
+    cfg = load_config(None, COMMON, schema=LoraTrainConfig)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = train_lora_for_sample(cfg, sample, tmp, editor.backbone)
+        weights = load_file(str(file))
+        out["lora"] = {k: digest(weights[k]) for k in sorted(weights)[:4]}
+        out["lora_all"] = digest([digest(weights[k]) for k in sorted(weights)])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", help="a JSON file written by an earlier run: exit 1 if anything differs")
+    p.add_argument("--mask-free", action="store_true", help="edit the demo sample without its mask")
+    args = p.parse_args(argv)
+    now = fingerprints(args.mask_free)
+    print(json.dumps(now, indent=1))
+    if args.compare:
+        before = json.loads(Path(args.compare).read_text())
+        diffs = [k for k in before if before[k] != now.get(k)]
+        print("identical" if not diffs else f"DIFFERENT: {diffs}", file=sys.stderr)
+        return 1 if diffs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
