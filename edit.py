@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             from dragdiffusion.batch import run_batch
             status = run_batch(cfg)
             if cfg.evaluate:  # DragBench MD / IF of the batch's outputs (python -m dragdiffusion.evaluate --help)
-                from dragdiffusion.evaluate import evaluate_after_batch
+                from dragdiffusion.evaluation import evaluate_after_batch
                 status = max(status, evaluate_after_batch(cfg))
             return status
         sample = load_input(cfg)  # validated before any model loads

@@ -6,10 +6,12 @@ clear ModelLoadError saying what was looked for and how to fix it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from .errors import ModelLoadError
 from .policy import DevicePolicy, resolve_device
@@ -52,7 +54,6 @@ class Backbone:
 
 def make_ddim_scheduler(config: dict | None = None):
     """A DDIMScheduler with the reference settings (beta 0.00085..0.012 scaled_linear, offset 1, ...)."""
-    from diffusers import DDIMScheduler
     settings = dict(config or {})
     settings.update(SCHEDULER_CONFIG)  # the reference's DDIM settings win over whatever the checkpoint had
     settings = {k: v for k, v in settings.items() if not k.startswith("_")}
@@ -74,7 +75,6 @@ def _hint(name: str) -> str:
 
 def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
     """Return a diffusers StableDiffusionPipeline from the ``model`` config section in ``dtype`` (on the CPU)."""
-    from diffusers import StableDiffusionPipeline
 
     name = str(model_cfg.name_or_path)
     local_only = bool(model_cfg.local_files_only) or _offline()
@@ -106,7 +106,6 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
 
 
 def load_vae(name: str, dtype, local_only: bool):
-    from diffusers import AutoencoderKL
     try:
         path = Path(os.path.expanduser(name))
         if path.suffix in SINGLE_FILE_SUFFIXES:
@@ -130,7 +129,6 @@ def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:
 def encode_prompt(backbone: Backbone, prompt: str, device: torch.device | None = None) -> torch.Tensor:
     """CLIP embedding of the prompt, padded/truncated to the tokenizer's 77 tokens; warns when truncated.
     ``device``: where the text encoder is, when that is not ``backbone.device`` (a DDP process's device)."""
-    import warnings
     tok = backbone.tokenizer
     n_tokens = len(tok(prompt, truncation=False).input_ids)
     if n_tokens > tok.model_max_length:

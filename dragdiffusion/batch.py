@@ -36,14 +36,18 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from .backbone import load_backbone
 from .data.datamodule import DragDataModule
 from .data.validate import check_dataset, format_report
 from .errors import ConfigError, DragError, UnsafePickleError
 from .io import save_json, save_text
 from .loggers import close_logger, edit_media, log_batch_results, make_logger
+from .editor import DragEditor
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
+from .lora import train_lora_for_sample
 from .policy import DevicePolicy, distributed_trainer
 
 SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "seconds", "error", "rank")
@@ -118,7 +122,6 @@ class EditJob:
         return edit_finished(self.out_root / name)
 
     def setup(self, device: torch.device) -> None:
-        from .backbone import load_backbone
         if self.backbone is None:
             self.policy = DevicePolicy.from_config(self.cfg, device)
             self.backbone = load_backbone(self.cfg.model, self.policy)
@@ -130,7 +133,6 @@ class EditJob:
         return OmegaConf.merge(self.cfg, {"lora": {"path": str(lora)}}) if lora else self.cfg
 
     def run(self, sample, name: str) -> dict:
-        from .editor import DragEditor
         out = self.out_root / name
         cfg = self.sample_config(name)
         editor = DragEditor(cfg, backbone=self.backbone, policy=self.policy)
@@ -166,13 +168,11 @@ class LoraJob:
         return (self.out_root / name / LORA_WEIGHTS).is_file()
 
     def setup(self, device: torch.device) -> None:
-        from .backbone import load_backbone
         if self.backbone is None:
             self.policy = DevicePolicy.from_config(self.cfg, device)
             self.backbone = load_backbone(self.cfg.model, self.policy)
 
     def run(self, sample, name: str) -> dict:
-        from .lora import train_lora_for_sample
         with torch.enable_grad():
             # no run per sample: the job's one run (rank 0) gets the table of all samples
             cfg = OmegaConf.merge(self.cfg, {"logger": {"name": "none"}})
@@ -231,7 +231,6 @@ def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
     It runs in 32-bit (``trainer.precision`` applies inside each sample's own Trainers) and with autograd on
     (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's); it is a
     TQDM bar because the per-sample drag Trainers draw Rich bars inside it, and two Rich bars cannot nest."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
     progress = bool(trainer_cfg.enable_progress_bar) and not quiet
     return distributed_trainer(trainer_cfg, precision="32", quiet=quiet, inference_mode=False,
                                use_distributed_sampler=False,  # DragDataModule shards unpadded: each sample once

@@ -1,50 +1,60 @@
-"""Callbacks of the drag module: point tracking (with the early stop) and mask regularization."""
+"""Callbacks of the drag module: point tracking with the early stop, the mask term (both DragCallbacks, the
+drag module's declared extension point), and progress reporting with cancel."""
 from __future__ import annotations
 
 import lightning as L
 import torch
 
+from .drag import DragCallback, DragEditModule, DragStep
 from .errors import DragError
 from .motion import all_reached, mask_loss, track_points
 from .sample import grid_to_pixels
 
 
-class PointTracking(L.Callback):
-    """Moves the handles after each step by nearest-feature search; stops the Trainer when all are reached."""
+class PointTracking(DragCallback):
+    """Moves the handles from the second iteration on by nearest-feature search around each handle (window radius
+    ``r_p``) against F0, the first iteration's features at the handle's original position; stops the drag when
+    every handle is within ``stop_distance`` grid cells of its target."""
 
     def __init__(self, r_p: int = 3, stop_distance: float = 2.0):
         self.r_p = r_p
         self.stop_distance = stop_distance
+        self.feat0: torch.Tensor | None = None
 
-    def setup(self, trainer, pl_module, stage):
-        pl_module.point_tracking = self
+    def on_train_start(self, trainer, pl_module):
+        self.feat0 = None
 
-    def track(self, module, feat: torch.Tensor) -> torch.Tensor:
-        return track_points(module.feat0, feat, module.handles_init, module.handles, self.r_p)
+    def track(self, module: DragEditModule, step: DragStep) -> torch.Tensor | None:
+        if step.index == 0 or self.feat0 is None:
+            self.feat0 = step.features.detach()  # the original latent's features
+            return None
+        return track_points(self.feat0, step.features, module.handles_init, step.handles, self.r_p)
 
-    def reached(self, module) -> bool:
+    def reached(self, module: DragEditModule, step: DragStep) -> bool:
         return all_reached(module.handles, module.targets, self.stop_distance)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.reached:
-            trainer.should_stop = True
 
-
-class MaskRegularization(L.Callback):
-    """Adds lam * sum |x_prev - x0_prev| * (1 - M) outside the editable mask; off for an empty mask."""
+class MaskRegularization(DragCallback):
+    """Adds ``mask_loss`` = lam * sum |x_prev - x0_prev| * (1 - M) outside the editable mask (x_prev: the DDIM step
+    of the current latent, x0_prev: of the original one); off for an empty mask or lam = 0."""
 
     def __init__(self, lam: float = 0.1):
         self.lam = lam
+        self.x0_prev: torch.Tensor | None = None
 
-    def setup(self, trainer, pl_module, stage):
-        pl_module.mask_regularization = self
+    def on_train_start(self, trainer, pl_module):
+        self.x0_prev = None
 
-    def active(self, module) -> bool:
+    def needs_eps(self, module: DragEditModule) -> bool:
         m = module.mask_latent
         return self.lam > 0 and m is not None and bool(m.any())
 
-    def loss(self, module, x_prev: torch.Tensor) -> torch.Tensor:
-        return mask_loss(x_prev, module.x0_prev, module.mask_latent, self.lam)
+    def loss_terms(self, module: DragEditModule, step: DragStep) -> dict[str, torch.Tensor]:
+        if step.eps is None or not self.needs_eps(module):
+            return {}
+        if self.x0_prev is None:  # the first iteration: z is still the original latent
+            self.x0_prev = module.x_prev(module.z_t_original, step.eps.detach())
+        return {"mask_loss": mask_loss(module.x_prev(step.z, step.eps), self.x0_prev, module.mask_latent, self.lam)}
 
 
 class EditCancelled(DragError):
@@ -69,9 +79,8 @@ class ProgressReporter(L.Callback):
             raise EditCancelled("cancelled")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        handles = getattr(pl_module, "handles", None)
-        if handles is None or self.image_hw is None:
+        if not isinstance(pl_module, DragEditModule) or self.image_hw is None:
             self.report("lora", trainer.global_step, trainer.max_steps, None)
             return
-        xy = grid_to_pixels(handles.detach().cpu(), self.image_hw, pl_module.grid_hw)
+        xy = grid_to_pixels(pl_module.handles.detach().cpu(), self.image_hw, pl_module.grid_hw)
         self.report("drag", len(pl_module.history["handles"]), trainer.max_steps, xy.tolist())

@@ -1,12 +1,18 @@
-"""Structured configs (dataclasses) and ``load_config(yaml, dotlist)`` with validation.
+"""Structured configs: the dataclasses below are the one source of every default and type.
 
-Every default of ``algorithm.md`` is a field default here, and ``configs/*.yaml`` mirror these classes.
-Config groups work like Hydra's: ``model=tiny`` on the command line merges ``configs/model/tiny.yaml``
-into ``model``; ``logger=csv`` likewise for ``configs/logger/csv.yaml``.
+Every default of ``algorithm.md`` is a field default here. ``configs/*.yaml`` hold only what a preset changes
+(``python edit.py --print-config`` prints the whole resolved config). "One of" fields are Enums, so OmegaConf
+refuses another value with the list of accepted ones; range checks live in each dataclass's ``__post_init__``
+and run through ``OmegaConf.to_object`` (``validate_config``). Config groups work like Hydra's: ``model=tiny``
+resets the ``model`` section to its defaults and merges ``configs/model/tiny.yaml``; likewise ``logger=`` and
+``trainer=``.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,13 +37,76 @@ def normalize_precision(value) -> str:
     return text
 
 
+def check(ok: bool, key: str, value, expected: str) -> None:
+    """A range check of ``__post_init__``: a ConfigError naming the key, its value and what was expected."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+class Choice(str, Enum):
+    """A "one of" config value: compares, prints and formats as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class WeightDtype(Choice):
+    auto = "auto"  # float16 under 16-mixed on a GPU, bfloat16 under bf16-mixed, else float32
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Optimizer(Choice):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class LoggerName(Choice):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+    csv = "csv"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class ImageSource(Choice):
+    input = "input"
+    estimate = "estimate"
+
+
+class SearchMode(Choice):
+    full = "full"
+    mask = "mask"
+
+
+class Normalize(Choice):
+    none = "none"
+    diagonal = "diagonal"
+
+
+class LpipsNet(Choice):
+    alex = "alex"
+    vgg = "vgg"
+    squeeze = "squeeze"
+
+
 @dataclass
 class ModelConfig:
     # hub id, local diffusers folder, single-file checkpoint (.safetensors/.ckpt), or "tiny"
     name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     vae: Optional[str] = None  # optional separate VAE (hub id or folder), e.g. stabilityai/sd-vae-ft-mse
     single_file_config: Optional[str] = None  # diffusers folder/hub id giving the layout of a single-file checkpoint
-    dtype: str = "auto"  # frozen weights: auto (half on a GPU under mixed precision) | float32 | float16 | bfloat16
+    dtype: WeightDtype = WeightDtype.auto  # frozen weights (dragdiffusion.policy decides "auto")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     local_files_only: bool = False  # never reach the network (also when HF_HUB_OFFLINE=1)
     tiny_dir: Optional[str] = None  # where the tiny model is written (default: ~/.cache/dragdiffusion)
@@ -62,6 +131,20 @@ class LoraConfig:
     cache_latents: bool = True  # VAE-encode the image once and crop views in latent space (false: every view, every step)
     gradient_checkpointing: bool = False  # recompute UNet activations in the backward: far less memory, ~30% slower
 
+    def __post_init__(self):
+        check(self.rank >= 1, "lora.rank", self.rank, "a positive integer")
+        check(self.steps >= 0, "lora.steps", self.steps, "a non-negative integer")
+        check(self.alpha > 0, "lora.alpha", self.alpha, "a positive number")
+        check(self.lr > 0, "lora.lr", self.lr, "a positive number")
+        check(self.batch_size >= 1, "lora.batch_size", self.batch_size, "a positive integer")
+        check(self.resolution >= 64 and self.resolution % 8 == 0, "lora.resolution", self.resolution,
+              "a multiple of 8, at least 64")
+        check(self.save_every >= 0, "lora.save_every", self.save_every, "a non-negative integer (0 = final file only)")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "lora.betas", list(self.betas),
+              "two numbers in [0, 1)")
+        check(len(self.target_modules) > 0, "lora.target_modules", list(self.target_modules),
+              "a non-empty list of layer names")
+
 
 @dataclass
 class DragConfig:
@@ -71,7 +154,7 @@ class DragConfig:
     guidance_scale: float = 1.0  # classifier-free guidance in the final denoising (1.0 = none)
     n_pix_step: int = 80  # max drag iterations
     lr: float = 0.01
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: Optimizer = Optimizer.adam
     r_m: int = 1  # motion-supervision patch radius (grid cells)
     r_p: int = 3  # point-tracking window radius (grid cells)
     lam: float = 0.1  # mask-regularization weight
@@ -80,6 +163,21 @@ class DragConfig:
     feature_blocks: list[int] = field(default_factory=lambda: [2])  # unet.up_blocks indices (concatenated)
     mask_regularization: bool = True
     point_tracking: bool = True
+
+    def __post_init__(self):
+        check(self.width >= 64 and self.width % 8 == 0, "drag.width", self.width, "a multiple of 8, at least 64")
+        check(0.0 < self.inversion_strength <= 1.0, "drag.inversion_strength", self.inversion_strength,
+              "a number in (0, 1]")
+        check(self.num_inference_steps >= 1, "drag.num_inference_steps", self.num_inference_steps, "a positive integer")
+        check(self.n_pix_step >= 0, "drag.n_pix_step", self.n_pix_step, "a non-negative integer")
+        check(self.lr > 0, "drag.lr", self.lr, "a positive number")
+        check(self.r_m >= 0, "drag.r_m", self.r_m, "a non-negative radius")
+        check(self.r_p >= 0, "drag.r_p", self.r_p, "a non-negative radius")
+        check(self.lam >= 0, "drag.lam", self.lam, "a non-negative number")
+        check(0 < self.sup_res_factor <= 1, "drag.sup_res_factor", self.sup_res_factor, "a number in (0, 1]")
+        check(len(self.feature_blocks) > 0 and all(0 <= b <= 3 for b in self.feature_blocks), "drag.feature_blocks",
+              list(self.feature_blocks), "a non-empty list of up_blocks indices in 0..3")
+        check(self.guidance_scale >= 1.0, "drag.guidance_scale", self.guidance_scale, "a number >= 1.0")
 
 
 @dataclass
@@ -92,7 +190,7 @@ class ReferenceControlConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
+    accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -100,18 +198,27 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     log_every_n_steps: int = 1
 
+    def __post_init__(self):
+        normalize_precision(self.precision)
+        check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", self.accelerator,
+              "auto, cpu, gpu or cuda")
+        check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "a positive integer")
+
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb | tensorboard | csv
+    name: LoggerName = LoggerName.none
     project: str = "dragdiffusion"
     entity: Optional[str] = None
-    mode: str = "offline"  # wandb: online | offline | disabled
+    mode: WandbMode = WandbMode.offline  # wandb only
     tags: list[str] = field(default_factory=list)
     run_name: Optional[str] = None
     save_dir: str = "logs"
     image_every: int = 10  # trajectory image every K drag steps (0 = only at the end)
-    image_source: str = "input"  # trajectory drawn on: input | estimate (decoded x0 of z_t: +1 UNet, +1 VAE call)
+    image_source: ImageSource = ImageSource.input  # trajectory drawn on the input, or the decoded x0 estimate of z_t
+
+    def __post_init__(self):
+        check(self.image_every >= 0, "logger.image_every", self.image_every, "a non-negative integer (0 = only at the end)")
 
 
 @dataclass
@@ -124,6 +231,13 @@ class GenerationConfig:
     height: int = 512
     negative_prompt: str = ""
 
+    def __post_init__(self):
+        check(self.guidance_scale >= 1.0, "generation.guidance_scale", self.guidance_scale, "a number >= 1.0")
+        check(self.steps >= 1, "generation.steps", self.steps, "a positive integer")
+        check(self.width >= 64 and self.width % 8 == 0, "generation.width", self.width, "a multiple of 8, at least 64")
+        check(self.height >= 64 and self.height % 8 == 0, "generation.height", self.height,
+              "a multiple of 8, at least 64")
+
 
 @dataclass
 class AppConfig:
@@ -132,6 +246,10 @@ class AppConfig:
     port: int = 7860
     share: bool = False  # a public gradio.live link only when asked
     max_queue: int = 16  # requests waiting beyond this are refused; device jobs run one at a time
+
+    def __post_init__(self):
+        check(0 <= self.port <= 65535, "app.port", self.port, "a port number in 0..65535 (0 = any free port)")
+        check(self.max_queue >= 1, "app.max_queue", self.max_queue, "a positive integer")
 
 
 @dataclass
@@ -146,7 +264,7 @@ class EditConfig:
     sample: Optional[str] = None
     data: Optional[str] = None
     image: Optional[str] = None
-    points: Optional[list[Any]] = None  # [[x, y], ...] alternating handle, target (pixels of the input image)
+    points: Optional[Any] = None  # [[x, y], ...] or its JSON text, alternating handle, target (input pixels)
     mask: Optional[str] = None
     prompt: Optional[str] = None
     generate: bool = False  # sample the image from `prompt` (generation.*) instead of reading one
@@ -157,7 +275,11 @@ class EditConfig:
     seed: int = 42
     quiet: bool = False
     evaluate: bool = False  # after a data=DIR batch run, evaluate the results (DragBench MD / IF)
-    evaluate_overrides: list[str] = field(default_factory=list)  # key=value items for configs/evaluate.yaml
+    evaluate_overrides: list[str] = field(default_factory=list)  # key=value items for the evaluation's config
+
+    def __post_init__(self):
+        check(not self.evaluate or bool(self.data), "evaluate", self.evaluate,
+              "evaluate=true only with a batch run: data=DIR")
 
 
 @dataclass
@@ -181,18 +303,29 @@ class MeanDistanceConfig:
     up_block: int = 1  # DIFT features: output of unet.up_blocks[up_block]
     ensemble_size: int = 8  # noises averaged per image
     width: Optional[int] = None  # DIFT working width (height keeps the aspect); None = each image's own size
-    search: str = "full"  # full | mask (m-MD: search matches only inside the sample's mask)
-    normalize: str = "none"  # none | diagonal (distance / image diagonal)
+    search: SearchMode = SearchMode.full  # full | mask (m-MD: search matches only inside the sample's mask)
+    normalize: Normalize = Normalize.none  # none | diagonal (distance / image diagonal)
     seed: int = 0  # mixed with each sample's name: the noise of a sample never depends on order or devices
     chunk_rows: int = 64  # image rows matched at once (memory bound only; results do not depend on it)
+
+    def __post_init__(self):
+        check(0 <= self.t <= 999, "mean_distance.t", self.t, "a timestep in 0..999")
+        check(0 <= self.up_block <= 3, "mean_distance.up_block", self.up_block, "an up_blocks index in 0..3")
+        check(self.ensemble_size >= 1, "mean_distance.ensemble_size", self.ensemble_size, "a positive integer")
+        check(self.width is None or (self.width >= 8 and self.width % 8 == 0), "mean_distance.width", self.width,
+              "null (each image's own size) or a multiple of 8, at least 8")
+        check(self.chunk_rows >= 1, "mean_distance.chunk_rows", self.chunk_rows, "a positive integer")
 
 
 @dataclass
 class ImageFidelityConfig:
     """DragBench Image Fidelity: 1 - LPIPS between the source and the edited image."""
     enabled: bool = True
-    net: str = "alex"  # LPIPS backbone: alex | vgg | squeeze
+    net: LpipsNet = LpipsNet.alex  # LPIPS backbone
     size: int = 224  # both images are resized to size x size
+
+    def __post_init__(self):
+        check(self.size >= 32, "image_fidelity.size", self.size, "an image size of at least 32")
 
 
 @dataclass
@@ -210,143 +343,114 @@ class EvaluateConfig:
     quiet: bool = False
 
 
-def _split_group_overrides(overrides: list[str], config_dir: Path) -> tuple[list[Path], list[str]]:
-    """``model=tiny`` -> the file configs/model/tiny.yaml; every other override stays a dotlist item."""
-    files, rest = [], []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value (for example drag.n_pix_step=40)")
-        key, value = item.split("=", 1)
-        if key in GROUPS:
-            candidate = config_dir / key / f"{value}.yaml"
-            if not candidate.exists():
-                options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
-                raise ConfigError(f"{key}={value}: no such {key} preset; expected one of {options}")
-            files.append((key, candidate))
-        else:
-            rest.append(item)
-    return files, rest
+def preset_file(group: str, name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """``configs/<group>/<name>.yaml``; a ConfigError listing the presets when there is none of that name."""
+    file = config_dir / group / f"{name}.yaml"
+    if not file.is_file():
+        options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        raise ConfigError(f"{group}={name}: no such {group} preset; expected one of {options}")
+    return file
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``--config``: as given (from the current folder), else relative to the project (so that
+    ``--config configs/edit.yaml`` works from any folder)."""
+    given = Path(path).expanduser()
+    for candidate in (given, CONFIG_DIR.parent / given, CONFIG_DIR / given.name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"--config {path}: file not found (looked in the current folder and in {CONFIG_DIR})")
+
+
+def _select_preset(cfg: DictConfig, base: DictConfig, group: str, name: str) -> DictConfig:
+    """Like a Hydra group choice: the section starts again from its defaults, then takes the preset."""
+    cfg[group] = OmegaConf.merge(base[group], OmegaConf.load(preset_file(group, name)))
+    return cfg
+
+
+def leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items_ex(resolve=False) if hasattr(cfg, "items_ex") else cfg.items():
+        full = f"{prefix}{key}"
+        keys += leaf_keys(value, full + ".") if isinstance(value, DictConfig) else [full]
+    return keys
+
+
+def _omegaconf_message(exc: OmegaConfBaseException, schema=EditConfig) -> str:
+    """One line naming the key; an unknown key gets the nearest known ones (``n_pix_step`` -> drag.n_pix_step)."""
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    text = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    if "not in" in text and key:
+        known = leaf_keys(OmegaConf.structured(schema))
+        last = str(key).split(".")[-1]
+        near = [k for k in known if k.split(".")[-1] == last]
+        near += [k for k in difflib.get_close_matches(str(key), known, n=3, cutoff=0.6) if k not in near]
+        if near:
+            return f"config key '{key}' does not exist; did you mean {' or '.join(near[:3])}?"
+        return f"config key '{key}' does not exist (python edit.py --print-config lists every key)"
+    return f"config key '{key}': {text}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=EditConfig) -> DictConfig:
-    """Merge the dataclass defaults, the YAML file at ``path`` and the ``key=value`` overrides, validated."""
+    """The dataclass defaults, then the YAML file at ``path``, then the ``key=value`` overrides; validated.
+
+    ``model=NAME`` / ``logger=NAME`` / ``trainer=NAME`` (in the file or on the command line) select presets."""
     overrides = list(overrides or [])
-    config_dir = Path(path).resolve().parent if path else CONFIG_DIR
-    if not (config_dir / "model").is_dir():
-        config_dir = CONFIG_DIR
     try:
-        cfg = OmegaConf.structured(schema)
+        base = OmegaConf.structured(schema)
+        cfg = base.copy()
         if path is not None:
-            if not Path(path).exists():
-                raise ConfigError(f"--config {path}: file not found")
-            cfg = OmegaConf.merge(cfg, _load_yaml_with_groups(Path(path), config_dir))
-        group_files, dotlist = _split_group_overrides(overrides, config_dir)
-        for key, file in group_files:
-            cfg = OmegaConf.merge(cfg, {key: OmegaConf.load(file)})
+            raw = OmegaConf.load(resolve_config_path(path))
+            for group in GROUPS:
+                if group in raw and isinstance(raw[group], str):
+                    cfg = _select_preset(cfg, base, group, raw.pop(group))
+            cfg = OmegaConf.merge(cfg, raw)
+        dotlist = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected key=value (for example drag.n_pix_step=40)")
+            key, value = item.split("=", 1)
+            if key in GROUPS:
+                cfg = _select_preset(cfg, base, key, value)
+            else:
+                dotlist.append(item)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
-    except ConfigError:
-        raise
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}".splitlines()[0]) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
     validate_config(cfg)
     return cfg
 
 
-def _load_yaml_with_groups(path: Path, config_dir: Path) -> DictConfig:
-    """A YAML file may name a group preset as a plain string (``model: tiny``)."""
-    raw = OmegaConf.load(path)
-    for key in GROUPS:
-        if key in raw and isinstance(raw[key], str):
-            file = config_dir / key / f"{raw[key]}.yaml"
-            if not file.exists():
-                raise ConfigError(f"{path}: {key}: {raw[key]}: no such preset {file}")
-            raw[key] = OmegaConf.load(file)
-    return raw
-
-
 def validate_config(cfg: DictConfig) -> None:
-    """Range checks that the type system cannot express; each error names the key."""
-    def check(ok: bool, key: str, expected: str):
-        if not ok:
-            value = OmegaConf.select(cfg, key)
-            raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+    """Run every dataclass's ``__post_init__`` range checks (OmegaConf.to_object builds the objects)."""
+    try:
+        OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(_omegaconf_message(exc)) from None
 
-    if "drag" in cfg:
-        d = cfg.drag
-        check(d.width >= 64 and d.width % 8 == 0, "drag.width", "a multiple of 8, at least 64")
-        check(0.0 < d.inversion_strength <= 1.0, "drag.inversion_strength", "a number in (0, 1]")
-        check(d.num_inference_steps >= 1, "drag.num_inference_steps", "a positive integer")
-        check(d.n_pix_step >= 0, "drag.n_pix_step", "a non-negative integer")
-        check(d.lr > 0, "drag.lr", "a positive number")
-        check(d.r_m >= 0 and d.r_p >= 0, "drag.r_m", "non-negative radii r_m and r_p")
-        check(d.lam >= 0, "drag.lam", "a non-negative number")
-        check(0 < d.sup_res_factor <= 1, "drag.sup_res_factor", "a number in (0, 1]")
-        check(len(d.feature_blocks) > 0 and all(0 <= b <= 3 for b in d.feature_blocks),
-              "drag.feature_blocks", "a non-empty list of up_blocks indices in 0..3")
-        check(d.optimizer in ("adam", "adamw", "sgd"), "drag.optimizer", "one of adam, adamw, sgd")
-        check(d.guidance_scale >= 1.0, "drag.guidance_scale", "a number >= 1.0")
-    if "trainer" in cfg:
-        normalize_precision(cfg.trainer.precision)
-    if "model" in cfg:
-        check(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype",
-              "auto, float32, float16 or bfloat16")
-    if "logger" in cfg:
-        check(cfg.logger.name in ("none", "wandb", "tensorboard", "csv"), "logger.name",
-              "one of none, wandb, tensorboard, csv")
-        check(cfg.logger.mode in ("online", "offline", "disabled"), "logger.mode", "online, offline or disabled")
-        check(cfg.logger.image_every >= 0, "logger.image_every", "a non-negative integer (0 = only at the end)")
-        check(cfg.logger.image_source in ("input", "estimate"), "logger.image_source", "input or estimate")
-    if cfg.get("evaluate"):
-        check(bool(cfg.data), "evaluate", "evaluate=true only with a batch run: data=DIR")
-    if "mean_distance" in cfg:
-        m = cfg.mean_distance
-        check(0 <= m.t <= 999, "mean_distance.t", "a timestep in 0..999")
-        check(0 <= m.up_block <= 3, "mean_distance.up_block", "an up_blocks index in 0..3")
-        check(m.ensemble_size >= 1, "mean_distance.ensemble_size", "a positive integer")
-        check(m.width is None or (m.width >= 8 and m.width % 8 == 0), "mean_distance.width",
-              "null (each image's own size) or a multiple of 8, at least 8")
-        check(m.search in ("full", "mask"), "mean_distance.search", "full or mask")
-        check(m.normalize in ("none", "diagonal"), "mean_distance.normalize", "none or diagonal")
-        check(m.chunk_rows >= 1, "mean_distance.chunk_rows", "a positive integer")
-    if "image_fidelity" in cfg:
-        check(cfg.image_fidelity.net in ("alex", "vgg", "squeeze"), "image_fidelity.net", "alex, vgg or squeeze")
-        check(cfg.image_fidelity.size >= 32, "image_fidelity.size", "an image size of at least 32")
-    if "generation" in cfg:
-        g = cfg.generation
-        check(g.guidance_scale >= 1.0, "generation.guidance_scale", "a number >= 1.0")
-        check(g.steps >= 1, "generation.steps", "a positive integer")
-        check(g.width >= 64 and g.width % 8 == 0, "generation.width", "a multiple of 8, at least 64")
-        check(g.height >= 64 and g.height % 8 == 0, "generation.height", "a multiple of 8, at least 64")
-    if "app" in cfg:
-        check(0 <= cfg.app.port <= 65535, "app.port", "a port number in 0..65535 (0 = any free port)")
-        check(cfg.app.max_queue >= 1, "app.max_queue", "a positive integer")
-    if "lora" in cfg:
-        check(cfg.lora.rank >= 1, "lora.rank", "a positive integer")
-        check(cfg.lora.steps >= 0, "lora.steps", "a non-negative integer")
-        check(cfg.lora.alpha > 0, "lora.alpha", "a positive number")
-        check(cfg.lora.lr > 0, "lora.lr", "a positive number")
-        check(cfg.lora.batch_size >= 1, "lora.batch_size", "a positive integer")
-        check(cfg.lora.resolution >= 64 and cfg.lora.resolution % 8 == 0, "lora.resolution",
-              "a multiple of 8, at least 64")
-        check(cfg.lora.save_every >= 0, "lora.save_every", "a non-negative integer (0 = final file only)")
-        check(len(cfg.lora.betas) == 2 and all(0 <= b < 1 for b in cfg.lora.betas), "lora.betas",
-              "two numbers in [0, 1)")
-        check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "a non-empty list of layer names")
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain Python data (choices as strings), e.g. a logger's hyperparameters."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def cli_parser(doc: str, default_config: str):
+def cli_parser(doc: str, default_config: str | None, prog: str | None = None):
     """The command-line shape shared by edit.py, train.py and the other entry points: --config + key=value items.
 
     ``doc``'s first line is the description, the rest the epilog (examples, main keys, exit status)."""
-    import argparse
     lines = doc.split("\n")
-    parser = argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]).strip("\n"),
+    parser = argparse.ArgumentParser(prog=prog, description=lines[0], epilog="\n".join(lines[1:]).strip("\n"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML config, from the current folder or the project (default: {default_config})")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key with its value) and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (OmegaConf dotlist)")
     return parser

@@ -1,17 +1,30 @@
 """DragEditModule: the latent z_t is the optimized parameter; one training step = one drag iteration.
 
-The module orchestrates the pure functions of motion.py / ddim.py / features.py. Point tracking and the
-mask term are supplied by the PointTracking and MaskRegularization callbacks (callbacks.py): without them
-the handles stay where they started and no mask term is added.
+The module runs the UNet on z_t and computes the motion-supervision loss (motion.py). Everything else an
+iteration may do goes through one declared extension point, ``DragCallback`` (a Lightning Callback found in
+``trainer.callbacks``). After the forward the module hands each DragCallback a ``DragStep`` (the features, the
+noise prediction if asked for, the current handles) and asks it, in this order:
+
+1. ``track(module, step)``: new handle positions (row, col) [N, 2], or None to leave them;
+2. ``reached(module, step)``: True to stop before this step's update (the early stop);
+3. ``loss_terms(module, step)``: extra loss terms {name: scalar tensor}, added to the motion loss and
+   recorded and logged under their names (``drag/<name>``).
+
+``needs_eps(module)`` says whether a callback needs the noise prediction; when none does, the UNet forward stops
+after the last feature block. PointTracking (steps 1-2) and MaskRegularization (step 3) in callbacks.py
+implement it; a new term (for example a GoodDrag-style consistency term) is a new DragCallback, with no change
+here.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .ddim import ddim_step
 from .data.datamodule import StepIndices
+from .ddim import ddim_step
 from .features import unet_eps_and_features
 from .motion import handle_distances, motion_supervision_loss
 
@@ -27,16 +40,46 @@ def mix_guided_features(f_uncond: torch.Tensor, f_cond: torch.Tensor, guidance_s
     return torch.cat([(1 - c) * f_uncond, c * f_cond], dim=-3)
 
 
+@dataclass
+class DragStep:
+    """What one drag iteration's forward gives the callbacks.
+
+    ``index`` 0 is the first iteration, where ``z`` still equals the starting latent (callbacks keep what they
+    need of the original there: F0, x0_prev). ``features`` [C, gh, gw] and ``eps`` carry gradients."""
+    index: int
+    z: torch.Tensor  # the optimized latent [1, 4, h, w] (fp32 parameter)
+    features: torch.Tensor  # UNet features on the supervision grid, fp32
+    eps: torch.Tensor | None  # the noise prediction when a callback asked for it (``needs_eps``)
+    handles: torch.Tensor  # current handle positions (row, col) [N, 2]
+
+
+class DragCallback(L.Callback):
+    """The drag module's extension point (see the module docstring); override what you need."""
+
+    def needs_eps(self, module: "DragEditModule") -> bool:
+        return False
+
+    def track(self, module: "DragEditModule", step: DragStep) -> torch.Tensor | None:
+        return None
+
+    def reached(self, module: "DragEditModule", step: DragStep) -> bool:
+        return False
+
+    def loss_terms(self, module: "DragEditModule", step: DragStep) -> dict[str, torch.Tensor]:
+        return {}
+
+
 class DragEditModule(L.LightningModule):
     """Optimizes z_t so that the UNet features at each handle move toward its target.
 
     Args:
         unet: the (frozen) UNet; kept outside the module's parameters and state_dict.
         scheduler: DDIM scheduler with ``set_timesteps`` already called.
-        z_t: inverted latent [1, 4, h, w] at timestep ``t``.
+        z_t: the starting latent [1, 4, h, w] at timestep ``t``.
         cond: prompt embedding [1, 77, D] (or [2, 77, D] uncond+cond with ``guidance_scale`` > 1).
         handles, targets: (row, col) on the supervision grid, [N, 2].
         drag: the ``drag`` config section.
+        mask_latent: [1, 1, h, w] (1 = may change) or None.
         guidance_scale: classifier-free guidance s of a generated image (cond then holds uncond, cond):
             features are ``mix_guided_features`` of both halves, eps is the guided prediction.
     """
@@ -61,10 +104,6 @@ class DragEditModule(L.LightningModule):
         self.register_buffer("handles", handles.detach().clone().float(), persistent=False)
         self.register_buffer("targets", targets.detach().clone().float(), persistent=False)
         self.register_buffer("mask_latent", None if mask_latent is None else mask_latent.float(), persistent=False)
-        self.feat0: torch.Tensor | None = None
-        self.x0_prev: torch.Tensor | None = None
-        self.point_tracking = None  # set by the PointTracking callback
-        self.mask_regularization = None  # set by the MaskRegularization callback
         self.reached = False
         self.stop_step: int | None = None
         self.history: dict[str, list] = {"handles": [], "motion_loss": [], "mask_loss": [], "loss": []}
@@ -72,12 +111,11 @@ class DragEditModule(L.LightningModule):
     # ------------------------------------------------------------------ the UNet as a function of z
     def eps_and_features(self, z: torch.Tensor, need_eps: bool = True):
         """(eps, features [C, gh, gw]) for one latent; the feature grid of the configured up_blocks."""
-        cond = self.cond
         guided = self.guidance_scale > 1
         if guided:
             z = torch.cat([z, z])
-        eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, cond, list(self.drag.feature_blocks),
-                                           self.grid_hw, need_eps=need_eps)
+        eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, self.cond,
+                                           list(self.drag.feature_blocks), self.grid_hw, need_eps=need_eps)
         eps = None if eps is None else eps.float()
         if not guided:
             return eps, feats[0]
@@ -87,50 +125,44 @@ class DragEditModule(L.LightningModule):
         return eps, mix_guided_features(feats[0], feats[1], self.guidance_scale)
 
     def x_prev(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The deterministic DDIM step z_t -> z_{t - 1000/steps}."""
         return ddim_step(self.scheduler, eps, self.t, z)
 
-    @property
-    def uses_mask_term(self) -> bool:
-        return self.mask_regularization is not None and self.mask_regularization.active(self)
+    def drag_callbacks(self) -> list[DragCallback]:
+        return [c for c in self.trainer.callbacks if isinstance(c, DragCallback)]
 
     # ------------------------------------------------------------------ Lightning hooks
-    def remember_original(self, eps: torch.Tensor | None, feat: torch.Tensor) -> None:
-        """Keep F0 and x0_prev of the original z_t (no grad)."""
-        self.feat0 = feat.detach()
-        self.x0_prev = self.x_prev(self.z_t_original, eps.detach()) if eps is not None else None
-
     def training_step(self, batch, batch_idx):
-        step = self.global_step
-        eps, feat = self.eps_and_features(self.z_t, need_eps=self.uses_mask_term)
-        if self.feat0 is None:  # step 0's forward is the original z_t's: no separate UNet pass for F0, x0_prev
-            if step == 0:
-                self.remember_original(eps, feat)
-            else:  # a fit that starts past step 0
-                with torch.no_grad():
-                    self.remember_original(*self.eps_and_features(self.z_t_original, self.uses_mask_term))
-        if self.point_tracking is not None and step > 0:
-            self.handles.copy_(self.point_tracking.track(self, feat))
+        callbacks = self.drag_callbacks()
+        eps, feat = self.eps_and_features(self.z_t, need_eps=any(c.needs_eps(self) for c in callbacks))
+        step = DragStep(self.global_step, self.z_t, feat, eps, self.handles)
+        for callback in callbacks:
+            moved = callback.track(self, step)
+            if moved is not None:
+                self.handles.copy_(moved)
         self.history["handles"].append(self.handles.tolist())
-        distances = handle_distances(self.handles, self.targets)
-        for i, d in enumerate(distances.tolist()):
+        for i, d in enumerate(handle_distances(self.handles, self.targets).tolist()):
             self.log(f"drag/distance_{i}", d, on_step=True, prog_bar=False)
-        if self.point_tracking is not None and self.point_tracking.reached(self):
+        if any(callback.reached(self, step) for callback in callbacks):
             self.reached = True
-            self.stop_step = step
-            return None  # no update at this step; PointTracking stops the Trainer
-        motion = motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m)
-        mask = self.mask_regularization.loss(self, self.x_prev(self.z_t, eps)) if self.uses_mask_term \
-            else motion.new_zeros(())
-        loss = motion + mask
-        self.history["motion_loss"].append(float(motion.detach()))
-        self.history["mask_loss"].append(float(mask.detach()))
+            self.stop_step = step.index
+            self.trainer.should_stop = True
+            return None  # no update at this step
+        terms = {"motion_loss": motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m)}
+        for callback in callbacks:
+            terms.update(callback.loss_terms(self, step))
+        loss = sum(terms.values())
+        for name in set(self.history) - {"handles", "loss"} - set(terms):
+            terms[name] = loss.new_zeros(())  # a term that is off this run (e.g. no mask) is recorded as 0
+        for name, value in terms.items():
+            self.history.setdefault(name, []).append(float(value.detach()))
         self.history["loss"].append(float(loss.detach()))
-        self.log_dict({"drag/motion_loss": motion, "drag/mask_loss": mask, "drag/loss": loss}, on_step=True,
-                      prog_bar=True)
+        self.log_dict({f"drag/{name}": value for name, value in terms.items()} | {"drag/loss": loss},
+                      on_step=True, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
-        name = self.drag.optimizer
+        name = str(self.drag.optimizer)
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
         return cls([self.z_t], lr=self.drag.lr)
 

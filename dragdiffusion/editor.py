@@ -1,7 +1,12 @@
-"""DragEditor: the public API that runs the stages for one sample (used by edit.py, the app, notebooks).
+"""DragEditor: the one edit pipeline (used by edit.py, the batch runner, the app and notebooks).
 
-sample -> backbone -> (LoRA) -> DDIM inversion -> drag optimization (Lightning Trainer) -> denoising with
-reference-latent control -> image of the input's size + trajectory.
+    real image:       prepare_lora -> invert ------\\
+                                                    >-- run: drag (Lightning Trainer) -> denoise -> decode
+    generated image:  generate (the sampler's z_t) -/
+
+Only the source of the starting latent differs (a ``DragStart``): inverted from an image, or kept from the
+sampler. Every stage is a method of the editor; the device and precision of all of them come from one
+``DevicePolicy``.
 """
 from __future__ import annotations
 
@@ -13,22 +18,24 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import quiet_lightning
+from .console import quiet_lightning
 from .attention import StepWindow, reference_control
 from .backbone import Backbone, decode_latent, encode_image, encode_prompt, load_backbone
 from .callbacks import MaskRegularization, PointTracking
 from .config import EditConfig, load_config, to_yaml
-from .errors import ConfigError
+from .data.convert import write_folder_sample
 from .ddim import ddim_denoise, ddim_invert, inversion_timesteps
 from .drag import DragEditModule
-from .loggers import TrajectoryLogger, log_edit_result
+from .errors import ConfigError, SampleError
+from .generated import GeneratedImage, sample_image
+from .images import resize_mask, to_model_input, to_uint8
 from .io import save_json, save_png, save_text
-from .motion import resize_mask
+from .loggers import TrajectoryLogger, log_edit_result, log_lora_artifact, lora_callbacks
+from .lora import WEIGHT_NAME, load_identity_lora, remove_identity_lora, train_lora
 from .policy import DevicePolicy
-from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, pixels_to_grid, working_size
+from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, make_sample, pixels_to_grid, working_size
 
 
 @dataclass
@@ -37,8 +44,8 @@ class EditResult:
     trajectory: dict
     sample: DragSample
     seconds: dict = field(default_factory=dict)
-    z_t: torch.Tensor | None = None
-    z_edited: torch.Tensor | None = None
+    z_t: torch.Tensor | None = None  # the starting latent (on the policy's device)
+    z_edited: torch.Tensor | None = None  # the optimized latent (on the policy's device)
 
     def save(self, out_dir: str | Path, config: DictConfig | None = None) -> Path:
         """dragged_image.png, drag_input.png (the input with the drag drawn), trajectory.json, config.yaml."""
@@ -56,28 +63,31 @@ class EditResult:
     def save_replay(self, folder: str | Path, config: DictConfig) -> Path:
         """The edit as a sample folder of our format: image.png, mask.png, drag.json and config.yaml (the inputs
         cleared). ``python edit.py --config FOLDER/config.yaml sample=FOLDER`` runs it again to the same image."""
-        from .data.convert import write_folder_sample
         folder = write_folder_sample(self.sample, folder)
         inputs_cleared = {"sample": None, "data": None, "image": None, "points": None, "mask": None}
         save_text(Path(folder) / "config.yaml", to_yaml(OmegaConf.merge(config, inputs_cleared)))
         return Path(folder)
 
 
-def to_tensor_image(image: np.ndarray, size_wh: tuple[int, int]) -> torch.Tensor:
-    """uint8 H x W x 3 -> [1, 3, h, w] in [-1, 1], bilinear-resized to ``size_wh``."""
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    w, h = size_wh
-    if (x.shape[-1], x.shape[-2]) != (w, h):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return x
+@dataclass
+class DragStart:
+    """Where a drag starts: the latent ``z_t`` at timestep ``t`` of a ``steps``-step DDIM schedule, and what the
+    drag and the denoising condition on."""
+    z_t: torch.Tensor  # [1, 4, h, w] fp32 on the policy's device
+    t: int
+    timesteps: list[int]  # the denoising timesteps, t first (descending)
+    steps: int  # DDIM steps of the whole schedule (the step size of every DDIM step)
+    work_hw: tuple[int, int]  # the working image size (height, width) the latent stands for
+    cond: torch.Tensor  # prompt embedding [1, 77, D]
+    uncond: torch.Tensor | None = None  # the negative / empty prompt's, when guidance > 1
+    guidance_scale: float = 1.0  # classifier-free guidance of the denoising
+    drag_guidance: float = 1.0  # guidance of the drag's features (a generated image's; 1 for real images)
+    lora_file: str | None = None
+    seconds: dict = field(default_factory=dict)
 
-
-def to_uint8_image(x: torch.Tensor, size_wh: tuple[int, int]) -> np.ndarray:
-    """[1, 3, h, w] in [0, 1] -> H x W x 3 uint8 resized to ``size_wh``."""
-    w, h = size_wh
-    if (x.shape[-1], x.shape[-2]) != (w, h):
-        x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    return (x[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    @property
+    def drag_cond(self) -> torch.Tensor:
+        return torch.cat([self.uncond, self.cond]) if self.drag_guidance > 1 else self.cond
 
 
 class DragEditor:
@@ -112,7 +122,6 @@ class DragEditor:
     def device(self) -> torch.device:
         return self.policy.device
 
-    # ---------------------------------------------------------------- stages
     def unet_fn(self):
         """eps(z, t, cond) in fp32 for the passes outside a Trainer (inversion, denoising, generation)."""
         unet = self.backbone.unet
@@ -123,120 +132,92 @@ class DragEditor:
                 return unet(z.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
         return fn
 
-    def prepare_lora(self, sample: DragSample, out_dir: Path | None = None, logger=False, callbacks=()) -> str | None:
-        """Load ``lora.path``, or train the identity LoRA when ``lora.enabled``; returns the file used."""
-        from . import lora as lora_lib  # the identity-LoRA stage (also removes a previous sample's LoRA)
-        return lora_lib.prepare_for_edit(self, sample, out_dir, logger, callbacks)
+    # ---------------------------------------------------------------- stage 1: the identity LoRA
+    def prepare_lora(self, sample: DragSample, out_dir: str | Path | None = None, logger=False,
+                     callbacks=()) -> str | None:
+        """Put the sample's identity LoRA into the UNet; returns the file used (None: none, or trained unsaved).
 
-    def invert(self, image: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
-        """(z0, z_t, t, denoise timesteps) for a [1, 3, H, W] image in [-1, 1]."""
+        ``lora.path`` set: load it (a file, a folder with pytorch_lora_weights.safetensors, or a per-sample folder
+        from ``train.py data=...``). Otherwise train it (``lora.enabled``) and, with ``out_dir``, write
+        ``out_dir/lora/``. A previous sample's identity LoRA is replaced, never stacked. ``logger``: the edit's
+        Lightning logger; ``callbacks``: more callbacks of the LoRA Trainer (the app's progress reporter)."""
+        cfg, unet = self.cfg, self.backbone.unet
+        if cfg.lora.path:
+            return str(load_identity_lora(unet, cfg.lora.path, cfg.lora.rank, sample.name))
+        if not cfg.lora.enabled:
+            remove_identity_lora(unet)
+            return None
+        lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
+        train_lora(self.backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, lora_dir, logger=logger or False,
+                   quiet=bool(cfg.get("quiet", False)), policy=self.policy,
+                   callbacks=lora_callbacks(logger) + list(callbacks))
+        if lora_dir is None:
+            return None
+        save_text(lora_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"lora": cfg.lora, "model": cfg.model})))
+        log_lora_artifact(logger, lora_dir / WEIGHT_NAME, name="lora-" + str(sample.name))
+        return str(lora_dir / WEIGHT_NAME)
+
+    # ---------------------------------------------------------------- stage 2: where the drag starts
+    def invert(self, sample: DragSample) -> DragStart:
+        """DDIM inversion of the sample's image at the working size (no guidance, with the prompt)."""
         d = self.cfg.drag
+        work_hw = working_size(sample.width, sample.height, d.width)[::-1]
         sched = self.backbone.scheduler
         inv_ts, denoise_ts = inversion_timesteps(sched, d.num_inference_steps, d.inversion_strength)
-        z0 = encode_image(self.backbone, image)
+        cond = encode_prompt(self.backbone, sample.prompt)
+        uncond = encode_prompt(self.backbone, "") if d.guidance_scale > 1 else None
+        z0 = encode_image(self.backbone, to_model_input(sample.image, work_hw).to(self.device))
         # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
         z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts)
-        return z0, z_t, denoise_ts[0], denoise_ts
+        return DragStart(z_t, int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps), tuple(work_hw),
+                         cond, uncond, float(d.guidance_scale))
 
-    def drag_latent(self, z_t, t, cond, handles_rc, targets_rc, grid_hw, mask_latent=None, callbacks=(),
-                    logger=False, guidance_scale: float = 1.0) -> DragEditModule:
-        """Optimize z_t; ``guidance_scale`` > 1 (a generated image) needs ``cond`` = [uncond, cond]."""
+    def generate(self, prompt: str | None = None) -> GeneratedImage:
+        """Sample an image from ``prompt`` (``generation.*``), keeping the latent at the drag timestep."""
+        prompt = self.cfg.prompt if prompt is None else prompt
+        remove_identity_lora(self.backbone.unet)  # the image is the model's own
+        return sample_image(self.backbone, self.unet_fn(), self.cfg.generation, float(self.cfg.drag.inversion_strength),
+                            "" if prompt is None else str(prompt))
+
+    def start_from_generated(self, generated: GeneratedImage) -> DragStart:
+        latent_hw = (generated.height // self.backbone.vae_scale_factor, generated.width // self.backbone.vae_scale_factor)
+        if tuple(generated.z_t.shape[-2:]) != latent_hw:
+            raise SampleError("image", f"the generated image is {generated.width}x{generated.height} px but its latent "
+                                       f"is {tuple(generated.z_t.shape[-2:])}; expected {latent_hw}", "generated")
+        cond = encode_prompt(self.backbone, generated.prompt)
+        uncond = encode_prompt(self.backbone, generated.negative_prompt)
+        s = float(generated.guidance_scale)
+        return DragStart(generated.z_t.to(self.device), generated.t, list(generated.timesteps), generated.steps,
+                         (generated.height, generated.width), cond, uncond if s > 1 else None, s, s)
+
+    # ---------------------------------------------------------------- stage 3: the drag
+    def drag(self, sample: DragSample, start: DragStart, callbacks=(), logger=False) -> DragEditModule:
+        """Optimize ``start.z_t`` so that the content at the sample's handles moves to its targets."""
         d = self.cfg.drag
-        module = DragEditModule(self.backbone.unet, self.backbone.scheduler, z_t, t, cond, handles_rc, targets_rc,
-                                grid_hw, d, mask_latent, guidance_scale=guidance_scale)
-        cbs = list(callbacks)
+        grid_hw = grid_size(start.work_hw[1], start.work_hw[0], d.sup_res_factor)
+        # pixels of the input -> grid: the scale is linear, so the input size maps straight to the grid
+        handles_rc = pixels_to_grid(sample.handles, (sample.height, sample.width), grid_hw).to(self.device)
+        targets_rc = pixels_to_grid(sample.targets, (sample.height, sample.width), grid_hw).to(self.device)
+        mask_latent = None
+        if sample.has_mask:
+            mask_latent = resize_mask(sample.mask, tuple(start.z_t.shape[-2:])).to(self.device)
+        self.backbone.scheduler.set_timesteps(start.steps)  # the DDIM step size of the drag's x_prev
+        module = DragEditModule(self.backbone.unet, self.backbone.scheduler, start.z_t, start.t, start.drag_cond,
+                                handles_rc, targets_rc, grid_hw, d, mask_latent, guidance_scale=start.drag_guidance)
+        cbs = self.logging_callbacks(sample, callbacks, logger)
         if d.point_tracking:
             cbs.append(PointTracking(d.r_p, d.stop_distance))
         if d.mask_regularization:
             cbs.append(MaskRegularization(d.lam))
         if d.n_pix_step > 0:
             tc = self.cfg.trainer
-            trainer = self.policy.trainer(d.n_pix_step, cbs, logger, bool(self.cfg.quiet), bool(tc.enable_progress_bar),
-                                          int(tc.log_every_n_steps))
+            trainer = self.policy.trainer(d.n_pix_step, cbs, logger or False, bool(self.cfg.quiet),
+                                          bool(tc.enable_progress_bar), int(tc.log_every_n_steps))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
                                                   "`training_step` returned `None`|TPU available).*")
                 trainer.fit(module)
         return module
-
-    def denoise(self, z_t, z_edit, cond, timesteps, uncond=None, guidance_scale: float | None = None) -> torch.Tensor:
-        """Denoise [z_t, z_edit] with reference control; guidance ``drag.guidance_scale`` unless given."""
-        r = self.cfg.reference
-        sched = self.backbone.scheduler
-        scale = self.cfg.drag.guidance_scale if guidance_scale is None else guidance_scale
-        z = torch.cat([z_t, z_edit]).float()
-        window = StepWindow(r.start_step, r.end_step)
-        prefixes = list(r.layers) if r.enabled else []
-
-        def on_step(i, t):
-            window.step = i
-
-        unet_fn = self.unet_fn()
-        if scale > 1 and uncond is not None:
-            # guidance batches [uncond rows, cond rows]: run each half alone so every forward keeps the
-            # [original, edited] layout that the reference control expects
-            plain = unet_fn
-            unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), c.chunk(2))])
-        with reference_control(self.backbone.unet, prefixes, window):
-            z = ddim_denoise(unet_fn, sched, z, cond, timesteps, uncond, scale, on_step)
-        return z
-
-    # ---------------------------------------------------------------- generated images (generated.py)
-    def generate(self, prompt: str | None = None):
-        """Sample an image from ``prompt`` (``generation.*``), keeping the latent at the drag timestep."""
-        from .generated import generate
-        return generate(self, prompt)
-
-    def edit_generated(self, generated, points, mask=None, callbacks=(), logger=False) -> "EditResult":
-        """Drag a ``GeneratedImage`` without inversion (points: [[x, y], ...] alternating handle, target)."""
-        from .generated import edit_generated
-        return edit_generated(self, generated, points, mask, callbacks, logger)
-
-    # ---------------------------------------------------------------- the whole edit
-    def edit(self, sample: DragSample, callbacks=(), logger=False, out_dir: str | Path | None = None,
-             lora_callbacks=()) -> EditResult:
-        """``callbacks``: extra callbacks of the drag Trainer; ``lora_callbacks``: of the LoRA Trainer."""
-        sample.validate()
-        d = self.cfg.drag
-        L.seed_everything(int(self.cfg.seed), verbose=False)
-        seconds: dict[str, float] = {}
-        work_w, work_h = working_size(sample.width, sample.height, d.width)
-        grid_hw = grid_size(work_w, work_h, d.sup_res_factor)
-        # pixels of the input -> grid: the scale is linear, so the input size maps straight to the grid
-        handles_rc = pixels_to_grid(sample.handles, (sample.height, sample.width), grid_hw)
-        targets_rc = pixels_to_grid(sample.targets, (sample.height, sample.width), grid_hw)
-
-        backbone = self.backbone
-        tic = time.perf_counter()
-        lora_file = self.prepare_lora(sample, Path(out_dir) if out_dir else None, logger, lora_callbacks)
-        seconds["lora"] = time.perf_counter() - tic
-        cond = encode_prompt(backbone, sample.prompt)
-        uncond = encode_prompt(backbone, "") if d.guidance_scale > 1 else None
-        image = to_tensor_image(sample.image, (work_w, work_h)).to(self.device)
-
-        tic = time.perf_counter()
-        _, z_t, t, denoise_ts = self.invert(image, cond)
-        seconds["inversion"] = time.perf_counter() - tic
-
-        mask_latent = None
-        if sample.has_mask:
-            mask_latent = resize_mask(torch.from_numpy(sample.mask), tuple(z_t.shape[-2:])).to(self.device)
-        tic = time.perf_counter()
-        module = self.drag_latent(z_t, t, cond, handles_rc.to(self.device), targets_rc.to(self.device),
-                                  grid_hw, mask_latent, self.logging_callbacks(sample, callbacks, logger),
-                                  logger or False)
-        seconds["drag"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        z = self.denoise(z_t, module.edited_latent(), cond, denoise_ts, uncond)
-        edited = decode_latent(backbone, z[1:])
-        seconds["denoise"] = time.perf_counter() - tic
-        out_image = to_uint8_image(edited, (sample.width, sample.height))
-
-        trajectory = edit_trajectory(module, sample, (work_w, work_h), grid_hw, t, lora_file, seconds)
-        result = EditResult(out_image, trajectory, sample, seconds, z_t.detach(), module.edited_latent())
-        log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
-        return result
 
     def logging_callbacks(self, sample: DragSample, callbacks, logger) -> list:
         """``callbacks`` + a TrajectoryLogger (``logger.image_every``, ``logger.image_source``) when logging."""
@@ -247,31 +228,96 @@ class DragEditor:
             cbs.append(TrajectoryLogger(sample, lg.image_every, decode))
         return cbs
 
+    # ---------------------------------------------------------------- stage 4: denoising
+    def denoise(self, start: DragStart, z_edit: torch.Tensor) -> torch.Tensor:
+        """Denoise [z_t, z_edit] from t with reference-latent control (and the start's guidance)."""
+        r = self.cfg.reference
+        z = torch.cat([start.z_t, z_edit]).float()
+        window = StepWindow(r.start_step, r.end_step)
+        prefixes = list(r.layers) if r.enabled else []
 
-def edit_trajectory(module: DragEditModule, sample: DragSample, work_wh, grid_hw, t: int, lora_file, seconds) -> dict:
+        def on_step(i, t):
+            window.step = i
+
+        unet_fn = self.unet_fn()
+        if start.guidance_scale > 1 and start.uncond is not None:
+            # guidance batches [uncond rows, cond rows]: run each half alone so every forward keeps the
+            # [original, edited] layout that the reference control expects
+            plain = unet_fn
+            unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), c.chunk(2))])
+        with reference_control(self.backbone.unet, prefixes, window):
+            return ddim_denoise(unet_fn, self.backbone.scheduler, z, start.cond, start.timesteps, start.uncond,
+                                start.guidance_scale, on_step)
+
+    # ---------------------------------------------------------------- the whole edit
+    def run(self, sample: DragSample, start: DragStart, callbacks=(), logger=False) -> EditResult:
+        """Drag from ``start``, denoise, decode at the input's size: the shared end of every edit."""
+        seconds = dict(start.seconds)
+        tic = time.perf_counter()
+        module = self.drag(sample, start, callbacks, logger)
+        seconds["drag"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        z = self.denoise(start, module.edited_latent())
+        image = to_uint8(decode_latent(self.backbone, z[1:]), (sample.height, sample.width))
+        seconds["denoise"] = time.perf_counter() - tic
+        trajectory = edit_trajectory(module, sample, start, seconds)
+        result = EditResult(image, trajectory, sample, seconds, start.z_t.detach(), module.edited_latent())
+        log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
+        return result
+
+    def edit(self, sample: DragSample, callbacks=(), logger=False, out_dir: str | Path | None = None,
+             lora_callbacks=()) -> EditResult:
+        """Edit a real image. ``callbacks``: extra callbacks of the drag Trainer (a ``DragCallback`` adds to the
+        drag itself); ``lora_callbacks``: of the LoRA Trainer."""
+        sample.validate()
+        L.seed_everything(int(self.cfg.seed), verbose=False)
+        tic = time.perf_counter()
+        lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
+        lora_seconds = time.perf_counter() - tic
+        tic = time.perf_counter()
+        start = self.invert(sample)
+        start.lora_file = lora_file
+        start.seconds = {"lora": lora_seconds, "inversion": time.perf_counter() - tic}
+        return self.run(sample, start, callbacks, logger)
+
+    def edit_generated(self, generated: GeneratedImage, points, mask=None, callbacks=(), logger=False) -> EditResult:
+        """Drag a ``GeneratedImage`` without inversion (points: [[x, y], ...] alternating handle, target, in pixels
+        of the generated image; mask: H x W, 1 = may change, or None)."""
+        sample = make_sample(generated.image, points, mask, generated.prompt, "generated")
+        L.seed_everything(int(self.cfg.seed), verbose=False)
+        remove_identity_lora(self.backbone.unet)  # a previous real-image edit may have left its LoRA
+        start = self.start_from_generated(generated)
+        start.seconds = {"lora": 0.0, "inversion": 0.0}
+        result = self.run(sample, start, callbacks, logger)
+        result.trajectory["generated"] = {"prompt": generated.prompt, "negative_prompt": generated.negative_prompt,
+                                          "seed": generated.seed, "guidance_scale": float(generated.guidance_scale)}
+        return result
+
+
+def edit_trajectory(module: DragEditModule, sample: DragSample, start: DragStart, seconds: dict) -> dict:
     """trajectory.json: handles in input-image pixels per iteration, the loss terms, the stop and timings."""
+    grid_hw = module.grid_hw
     to_px = lambda rc: grid_to_pixels(torch.tensor(rc), (sample.height, sample.width), grid_hw).tolist()
+    terms = {k: v for k, v in module.history.items() if k != "handles"}
     return {
         "sample": sample.name,
         "image_size": [sample.width, sample.height],
-        "working_size": list(work_wh),
+        "working_size": [start.work_hw[1], start.work_hw[0]],
         "grid_size": [grid_hw[1], grid_hw[0]],
-        "t": int(t),
+        "t": int(start.t),
         "targets": [list(map(float, p)) for p in sample.targets],
         "handles": [to_px(h) for h in module.history["handles"]],
-        "motion_loss": module.history["motion_loss"],
-        "mask_loss": module.history["mask_loss"],
-        "loss": module.history["loss"],
+        **terms,  # motion_loss, mask_loss, loss (and any term a DragCallback added)
         "iterations": len(module.history["loss"]),
         "stopped_early": bool(module.reached),
         "stop_step": module.stop_step,
-        "final_distance_px": _final_distance(module, sample, grid_hw),
-        "lora": lora_file,
+        "final_distance_px": final_distance(module, sample),
+        "lora": start.lora_file,
         "seconds": seconds,
     }
 
 
-def _final_distance(module: DragEditModule, sample: DragSample, grid_hw) -> list[float]:
-    h = grid_to_pixels(module.handles.cpu(), (sample.height, sample.width), grid_hw)
+def final_distance(module: DragEditModule, sample: DragSample) -> list[float]:
+    h = grid_to_pixels(module.handles.cpu(), (sample.height, sample.width), module.grid_hw)
     t = torch.tensor(sample.targets, dtype=torch.float32)
     return (h - t).norm(dim=1).tolist()

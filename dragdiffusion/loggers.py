@@ -31,7 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from .ddim import alpha_bar, predict_x0
+from .config import to_container
 from .errors import ConfigError
+from .images import resize_uint8, thumbnail, to_uint8
 from .io import save_png, save_text
 from .sample import DragSample, draw_drag, grid_to_pixels
 
@@ -59,8 +61,7 @@ def make_logger(cfg: DictConfig, config: DictConfig | None = None, quiet: bool =
         import wandb
         settings = wandb.Settings(silent=bool(quiet), x_save_requirements=False)
         logger = WandbLogger(name=run_name, project=cfg.project, save_dir=str(save_dir), entity=cfg.entity,
-                             tags=list(cfg.tags) or None, mode=cfg.mode, settings=settings)
-        logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb >= 0.19 warns about it
+                             tags=list(cfg.tags) or None, mode=str(cfg.mode), settings=settings)
     elif name == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ConfigError("logger=tensorboard needs the tensorboard package: run `pip install tensorboard` "
@@ -71,7 +72,7 @@ def make_logger(cfg: DictConfig, config: DictConfig | None = None, quiet: bool =
     else:
         raise ConfigError(f"config key 'logger.name' = {name!r}: expected one of none, wandb, tensorboard, csv")
     if config is not None:
-        logger.log_hyperparams(OmegaConf.to_container(config, resolve=True))
+        logger.log_hyperparams(to_container(config))
     return logger
 
 
@@ -194,9 +195,8 @@ class TrajectoryLogger(L.Callback):
         with torch.no_grad():
             eps, _ = module.eps_and_features(module.z_t, need_eps=True)
             x0 = predict_x0(eps, module.z_t, alpha_bar(module.scheduler, module.t).to(module.z_t))
-            image = self.decode(x0)[0].permute(1, 2, 0).float().cpu().numpy()
-        pil = Image.fromarray((image * 255 + 0.5).clip(0, 255).astype(np.uint8))
-        return np.asarray(pil.resize((self.sample.width, self.sample.height), Image.BILINEAR))
+            image = to_uint8(self.decode(x0))
+        return resize_uint8(image, (self.sample.height, self.sample.width))
 
     def log_image(self, trainer, module, step: int) -> None:
         if not trainer.loggers:
@@ -262,12 +262,6 @@ def _artifact_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- batch
-
-def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
-    img = Image.fromarray(np.asarray(image))
-    img.thumbnail((size, size), Image.BILINEAR)
-    return np.asarray(img).copy()
-
 
 def edit_media(result, thumb: int = 128) -> dict:
     """What the batch table and curves need of one finished edit, as small plain data (cheap to gather across

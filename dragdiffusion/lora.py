@@ -3,8 +3,8 @@
 ``LoraIdentityModule`` (a LightningModule) trains a peft LoRA on to_q/to_k/to_v/to_out.0 of every UNet
 attention with the reference recipe (algorithm.md, stage 1); ``train_lora_for_sample`` runs it with a Lightning
 Trainer and writes ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format (a stock
-``StableDiffusionPipeline.load_lora_weights`` loads it); ``prepare_for_edit`` loads or trains the LoRA into an
-editor's UNet.
+``StableDiffusionPipeline.load_lora_weights`` loads it); ``load_identity_lora`` puts a LoRA file into a UNet
+(``DragEditor.prepare_lora`` chooses between the two for an edit).
 
 Work that is never paid twice:
 - the prompt is encoded once per LoRA (``on_fit_start``);
@@ -29,13 +29,22 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict
 from torch.utils.data import DataLoader
 
 from .backbone import Backbone, encode_prompt, load_backbone
+from .config import normalize_precision, to_yaml
 from .errors import ConfigError, ModelLoadError
 from .data.datamodule import StepIndices
+from .images import to_model_input
 from .io import save_text
+from .loggers import close_logger, log_lora_artifact, lora_callbacks, make_logger
 from .policy import DevicePolicy, distributed_trainer
 
 ADAPTER = "identity"  # the peft adapter name of the identity LoRA inside a UNet
@@ -53,43 +62,24 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return int(short_side * height / width), short_side
 
 
-def forward_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """DDPM forward noising: sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t = alphas_cumprod[t] per batch item."""
-    a = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def velocity(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target: sqrt(a_t) noise - sqrt(1 - a_t) x0."""
-    a = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
-
-
-def diffusion_target(prediction_type: str, alphas_cumprod, x0, noise, t) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction)."""
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction, ``get_velocity``)."""
+    prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        return velocity(alphas_cumprod, x0, noise, t)
+        return scheduler.get_velocity(x0, noise, t)
     raise ConfigError(f"scheduler prediction_type '{prediction_type}': expected epsilon or v_prediction")
 
 
-def lora_loss(unet, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-              alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """MSE (in fp32) between the UNet's prediction on the noised latents and the diffusion target."""
-    noisy = forward_noise(alphas_cumprod, x0, noise, t)
+def lora_loss(unet, scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              cond: torch.Tensor) -> torch.Tensor:
+    """MSE (in fp32) between the UNet's prediction on the noised latents (DDPM forward noising, the scheduler's
+    ``add_noise``) and the diffusion target."""
+    noisy = scheduler.add_noise(x0, noise, t)
     cond = cond.expand(x0.shape[0], -1, -1)
     pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
-    target = diffusion_target(prediction_type, alphas_cumprod, x0, noise, t)
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
-
-
-def image_tensor(image: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
-    """uint8 H x W x 3 -> [1, 3, h, w] in [-1, 1], bilinear (antialiased) to ``size_hw``."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    if tuple(x.shape[-2:]) != tuple(size_hw):
-        x = F.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)
-    return x
+    return F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float(), reduction="mean")
 
 
 # ----------------------------------------------------------------------------------------------- views
@@ -109,7 +99,7 @@ class ViewSampler:
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling = float(vae.config.scaling_factor)
         h, w = resized_size(image.shape[0], image.shape[1], self.size)
-        self.pixels = image_tensor(image, (h, w)).to(vae.device, vae.dtype)
+        self.pixels = to_model_input(image, (h, w)).to(vae.device, vae.dtype)
         self.encodes = 0
         self.mean = self.std = None
         if self.cache:
@@ -144,7 +134,6 @@ class ViewSampler:
 # ----------------------------------------------------------------------------------------------- adapters
 
 def lora_peft_config(lora_cfg):
-    from peft import LoraConfig as PeftLoraConfig
     # gaussian init: A ~ N(0, 1/r), B = 0 (the reference's LoRA layers); the LoRA starts as the identity
     return PeftLoraConfig(r=int(lora_cfg.rank), lora_alpha=int(lora_cfg.alpha), init_lora_weights="gaussian",
                           target_modules=list(lora_cfg.target_modules))
@@ -168,26 +157,22 @@ def add_identity_lora(unet, lora_cfg, seed: int) -> list[torch.nn.Parameter]:
         unet.add_adapter(lora_peft_config(lora_cfg), adapter_name=ADAPTER)
     params = []
     for name, p in unet.named_parameters():
-        if f".{ADAPTER}." in name and "lora_" in name:
-            p.data = p.data.float()  # trainable weights in fp32 even when the model is fp16
-            p.requires_grad_(True)
+        trainable = f".{ADAPTER}." in name and "lora_" in name
+        p.requires_grad_(trainable)
+        if trainable:
             params.append(p)
-        else:
-            p.requires_grad_(False)
+    cast_training_params(unet, dtype=torch.float32)  # trainable weights in fp32 even when the model is half
     return params
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The identity adapter's weights in the diffusers LoRA format (without the ``unet.`` prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
 def save_lora(unet, folder: str | Path) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` (diffusers format + peft config metadata), atomically."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = unet.peft_config[ADAPTER]
@@ -217,7 +202,6 @@ def resolve_lora_file(path: str | Path, sample_name: str | None = None) -> Path:
 
 def read_lora_file(file: Path) -> tuple[dict, dict | None, dict | None]:
     """(state dict with ``unet.``/``text_encoder.`` keys, network alphas, adapter metadata) of a LoRA file."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     try:
         return StableDiffusionLoraLoaderMixin.lora_state_dict(str(file.parent), weight_name=file.name,
                                                               use_safetensors=True, local_files_only=True,
@@ -313,10 +297,8 @@ class LoraIdentityModule(L.LightningModule):
         self.prompt = prompt or ""
         add_identity_lora(self.unet, lora, lora.seed)
         self.strict_loading = False  # checkpoints hold the LoRA weights only
-        scheduler = backbone.scheduler
-        self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.scheduler = backbone.scheduler
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.generator = torch.Generator().manual_seed(int(lora.seed))
         self.views_per_device = int(lora.batch_size)
         self.views: ViewSampler | None = None
@@ -346,7 +328,7 @@ class LoraIdentityModule(L.LightningModule):
         x0 = self.views.sample(self.views_per_device, self.generator).to(self.device)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=self.generator).to(self.device)
-        loss = lora_loss(self.unet, x0, noise, t, self.cond, self.alphas_cumprod, self.prediction_type)
+        loss = lora_loss(self.unet, self.scheduler, x0, noise, t, self.cond)
         self.losses.append(float(loss.detach()))
         self.log("lora/loss", loss, on_step=True, prog_bar=True)
         return loss
@@ -413,18 +395,20 @@ def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, tra
     With ``out_dir``: writes ``out_dir/pytorch_lora_weights.safetensors``, with ``lora.save_every`` = N > 0 also
     ``out_dir/step-NNNNN/`` LoRA snapshots and resumable Lightning checkpoints ``out_dir/checkpoints/``.
     ``policy``: train on its one device (an edit, a per-sample job; the backbone is already there). Without it
-    the Trainer spreads the views over ``trainer.devices`` x ``trainer.num_nodes`` processes (DDP).
+    and with one device in ``trainer_cfg``, the backbone's device; otherwise the Trainer spreads the views over
+    ``trainer.devices`` x ``trainer.num_nodes`` processes (DDP).
     """
     module = LoraIdentityModule(backbone, image, prompt, lora_cfg)
     callbacks = list(callbacks)
     if out_dir is not None and lora_cfg.save_every > 0:
-        from lightning.pytorch.callbacks import ModelCheckpoint
         callbacks.append(SaveLoraEvery(lora_cfg.save_every, out_dir))
         callbacks.append(ModelCheckpoint(dirpath=Path(out_dir) / "checkpoints", filename="step-{step:05d}",
                                          auto_insert_metric_name=False, every_n_train_steps=int(lora_cfg.save_every),
                                          save_top_k=-1, save_last=False, enable_version_counter=False))
-    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     steps = int(lora_cfg.steps)
+    if policy is None and runs_on_one_device(trainer_cfg):  # one device: the backbone's, in its dtype
+        policy = DevicePolicy(backbone.device, normalize_precision(trainer_cfg.precision), backbone.dtype)
     if policy is not None:
         trainer = policy.trainer(steps, callbacks, logger, quiet, bool(trainer_cfg.enable_progress_bar),
                                  int(trainer_cfg.log_every_n_steps), enable_checkpointing=checkpointing)
@@ -450,8 +434,6 @@ def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone
     ``backbone.unet`` until the next call replaces it. Without, the model is loaded: on the policy's device for one
     device, or on the CPU for Lightning to place on each process's device (``trainer.devices`` > 1).
     """
-    from .config import to_yaml
-    from .loggers import close_logger, log_lora_artifact, lora_callbacks, make_logger
     out_dir = Path(out_dir)
     if backbone is not None:
         policy = policy or DevicePolicy.from_config(cfg, backbone.device)
@@ -476,31 +458,3 @@ def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone
     finally:
         close_logger(logger, failed)
     return out_dir / WEIGHT_NAME
-
-
-def prepare_for_edit(editor, sample, out_dir: str | Path | None = None, logger=False, callbacks=()) -> str | None:
-    """Put the sample's identity LoRA into ``editor.backbone.unet``; returns the file used (None: trained, not saved).
-
-    ``lora.path`` set: load it (a file, a folder with pytorch_lora_weights.safetensors, or a per-sample folder
-    from ``train.py data=...``). Otherwise train it (``lora.enabled``) and, with ``out_dir``, write
-    ``out_dir/lora/``. Any previous sample's identity LoRA is replaced, never stacked. ``logger``: the edit's
-    Lightning logger (``lora/loss``, learning rate, the saved LoRA as an artifact). ``callbacks``: more callbacks
-    of the LoRA Trainer (the browser app's progress reporter).
-    """
-    from .loggers import log_lora_artifact, lora_callbacks
-    cfg = editor.cfg
-    backbone = editor.backbone
-    if cfg.lora.path:
-        return str(load_identity_lora(backbone.unet, cfg.lora.path, cfg.lora.rank, getattr(sample, "name", None)))
-    if not cfg.lora.enabled:
-        remove_identity_lora(backbone.unet)
-        return None
-    lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
-    train_lora(backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, lora_dir, logger=logger or False,
-               quiet=bool(cfg.get("quiet", False)), policy=editor.policy,
-               callbacks=lora_callbacks(logger) + list(callbacks))
-    if lora_dir is None:
-        return None
-    save_text(lora_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"lora": cfg.lora, "model": cfg.model})))
-    log_lora_artifact(logger, lora_dir / WEIGHT_NAME, name="lora-" + str(getattr(sample, "name", "sample")))
-    return str(lora_dir / WEIGHT_NAME)

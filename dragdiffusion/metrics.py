@@ -21,8 +21,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from .backbone import encode_prompt, load_backbone
+from .config import ModelConfig
 from .errors import ModelLoadError, SampleError
 from .features import FeatureCapture, StopForward
+from .images import as_image_tensor, resize_tensor
+from .policy import DevicePolicy
 from .sample import working_size
 
 DEFAULT_DIFT_MODEL = "stabilityai/stable-diffusion-2-1"
@@ -135,33 +139,12 @@ def to_fixed_point(values: torch.Tensor) -> torch.Tensor:
     return torch.round(values.double() * FIXED_POINT).long().sum()
 
 
-def as_image_tensor(image) -> torch.Tensor:
-    """uint8 H x W x 3 array, or a float tensor [3, H, W] / [1, 3, H, W] in [-1, 1] -> [1, 3, H, W] float."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an H x W x 3 uint8 image, got {image.shape} {image.dtype}")
-        return torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    x = torch.as_tensor(image).float()
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected an image tensor [B, 3, H, W] in [-1, 1], got shape {tuple(x.shape)}")
-    return x
-
-
-def resize_image(x: torch.Tensor, size_hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size_hw):
-        return x
-    return F.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=antialias)
-
-
 # ------------------------------------------------------------------------------------------ Mean Distance
 
 def _model_config(model):
     """A model section (config/dataclass with name_or_path) or a plain name -> a ModelConfig-like object."""
     if hasattr(model, "name_or_path"):
         return model
-    from .config import ModelConfig
     return ModelConfig(name_or_path=str(model), local_files_only=str(model) == "tiny")
 
 
@@ -187,8 +170,6 @@ class MeanDistance(Metric):
             raise ValueError(f"search: expected one of {SEARCH_MODES}, got {search!r}")
         distance_normalizer(normalize, (1, 1))  # validates the mode
         if backbone is None:
-            from .backbone import load_backbone  # through load_pipeline: a missing model gives ModelLoadError
-            from .policy import DevicePolicy
             backbone = load_backbone(_model_config(model), DevicePolicy.cpu())
         self.backbone = backbone
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
@@ -211,7 +192,6 @@ class MeanDistance(Metric):
 
     @torch.no_grad()
     def update(self, source, edited, handles, targets, prompt: str = "", name: str = "", mask=None) -> None:
-        from .backbone import encode_prompt
         src, edt = as_image_tensor(source), as_image_tensor(edited)
         H, W = src.shape[-2:]
         if edt.shape[-2:] != src.shape[-2:]:
@@ -225,7 +205,7 @@ class MeanDistance(Metric):
         work_w, work_h = (W, H) if self.width is None else working_size(W, H, int(self.width))
         cond = encode_prompt(self.backbone, prompt, self.text_encoder.device)  # where Lightning put the metric
         seed = sample_seed(name, self.seed)
-        feats = [self.features(resize_image(x, (work_h, work_w)), cond, seed) for x in (src, edt)]
+        feats = [self.features(resize_tensor(x, (work_h, work_w)), cond, seed) for x in (src, edt)]
         search_mask = None
         if self.search == "mask" and mask is not None:
             search_mask = torch.as_tensor(np.asarray(mask)) > 0
@@ -297,8 +277,8 @@ class ImageFidelity(Metric):
             raise ValueError(f"expected as many edited images as sources, got {y.shape[0]} and {x.shape[0]}")
         device = self.fidelity_sum.device
         size = (self.size, self.size)
-        x = resize_image(x.to(device), size, antialias=False)
-        y = resize_image(y.to(device), size, antialias=False)
+        x = resize_tensor(x.to(device), size, antialias=False)
+        y = resize_tensor(y.to(device), size, antialias=False)
         fidelity = 1 - torch.as_tensor(self.net(x, y)).reshape(len(x)).double()
         self.last = fidelity.cpu()
         self.fidelity_sum += to_fixed_point(fidelity).to(device)

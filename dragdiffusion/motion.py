@@ -88,8 +88,3 @@ def all_reached(handles: torch.Tensor, targets: torch.Tensor, stop_distance: flo
 def mask_loss(x_prev: torch.Tensor, x0_prev: torch.Tensor, mask_latent: torch.Tensor, lam: float) -> torch.Tensor:
     """lam * sum |x_prev - x0_prev| * (1 - M): a sum, not a mean. M = 1 where the image may change."""
     return lam * ((x_prev - x0_prev).abs() * (1.0 - mask_latent)).sum()
-
-
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """H x W {0, 1} mask -> [1, 1, h, w] float, nearest-resized."""
-    return F.interpolate(mask.float()[None, None], size=size, mode="nearest")

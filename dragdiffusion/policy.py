@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import OmegaConf
 
-from . import quiet_lightning
+from .console import quiet_lightning
 from .config import normalize_precision
 from .errors import ConfigError
 

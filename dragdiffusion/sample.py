@@ -206,8 +206,21 @@ def grid_to_pixels(points_rc, image_hw: tuple[int, int], grid_hw: tuple[int, int
 
 # ----------------------------------------------------------------------------------------------- drawing
 
+def arrow_head(tail_xy, tip_xy, size: float) -> list[tuple[float, float]] | None:
+    """The triangle of an arrowhead of ``size`` px ending just before ``tip_xy`` (None for a zero-length arrow)."""
+    d = np.array([tip_xy[0] - tail_xy[0], tip_xy[1] - tail_xy[1]], np.float64)
+    n = np.linalg.norm(d)
+    if n < 1e-6:
+        return None
+    d /= n
+    side = np.array([-d[1], d[0]])
+    tip = np.array(tip_xy, np.float64) - d * size
+    return [tuple(tip), tuple(tip - d * 2 * size + side * size), tuple(tip - d * 2 * size - side * size)]
+
+
 def draw_drag(image: np.ndarray, handles, targets, mask: np.ndarray | None = None, paths=None) -> Image.Image:
-    """The image with the mask tinted, handles red, targets blue, arrows between them (and paths if given)."""
+    """The image with the mask tinted, handles red, targets blue, an arrow (with its head) from each handle to its
+    target, and the handles' paths (yellow) if given."""
     img = Image.fromarray(image).convert("RGB")
     if mask is not None and np.any(mask):
         tint = np.asarray(img, dtype=np.float32)
@@ -221,6 +234,9 @@ def draw_drag(image: np.ndarray, handles, targets, mask: np.ndarray | None = Non
             draw.line([tuple(map(float, p)) for p in path], fill=(255, 200, 0), width=max(1, r // 2))
     for (hx, hy), (tx, ty) in zip(handles, targets):
         draw.line([(hx, hy), (tx, ty)], fill=(255, 255, 255), width=max(1, r // 2))
+        head = arrow_head((hx, hy), (tx, ty), r + 1)
+        if head is not None:
+            draw.polygon(head, fill=(255, 255, 255))
         draw.ellipse([hx - r, hy - r, hx + r, hy + r], fill=(230, 30, 30))
         draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=(30, 80, 230))
     return img

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_VERSION = "1"  # bump when the architecture below changes: the cache folder name follows it
 
@@ -104,9 +108,6 @@ def build_sd15_random_pipeline(seed: int = 0):
 def build_tiny_pipeline(seed: int = 0, unet_config: dict | None = None, vae_config: dict | None = None,
                         text_config: dict | None = None):
     """Build the tiny pipeline (or another size) in memory with weights drawn from ``seed``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp))
@@ -139,6 +140,5 @@ def ensure_tiny_model(folder: str | Path | None = None, seed: int = 0) -> Path:
     try:
         os.replace(tmp, folder)
     except OSError:  # another process finished first
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -70,8 +70,8 @@ def test_early_stop_ends_the_trainer(tiny_editor):
     assert r.trajectory["stopped_early"] and r.trajectory["stop_step"] == 0 and r.trajectory["iterations"] == 0
 
     class StopAtThree(PointTracking):
-        def reached(self, module):
-            return module.global_step >= 3
+        def reached(self, module, step):
+            return step.index >= 3
 
     far = DragSample(s.image, [(20.0, 20.0)], [(100.0, 70.0)], None, "", "far")
     ed = editor_with(tiny_editor, ["drag.point_tracking=false", "drag.n_pix_step=20"])
@@ -98,3 +98,31 @@ def test_odd_heights(tiny_editor, height):
     r = ed.edit(s)
     assert r.image.shape == (height, 512, 3)
     assert r.trajectory["working_size"] == [128, int(128 * height / 512)]
+
+
+def test_a_new_drag_callback_adds_a_loss_term(tiny_editor):
+    """The drag module's extension point: a third term (here a pull toward the starting latent, in the manner of
+    GoodDrag's consistency terms) is a new DragCallback; drag.py does not change."""
+    from dragdiffusion.drag import DragCallback
+
+    class StayClose(DragCallback):
+        def __init__(self, weight):
+            self.weight, self.calls = weight, 0
+
+        def loss_terms(self, module, step):
+            self.calls += 1
+            return {"stay_close": self.weight * (step.z - module.z_t_original).pow(2).sum()}
+
+    s = demo_sample(128, 96)
+    ed = editor_with(tiny_editor, ["drag.n_pix_step=4", "drag.point_tracking=false", "drag.lr=0.05"])
+    plain = ed.edit(s)
+    term = StayClose(20.0)
+    held = ed.edit(s, callbacks=[term])
+    t = held.trajectory
+    assert term.calls == 4 and len(t["stay_close"]) == 4
+    assert t["stay_close"][0] == 0.0 and t["stay_close"][-1] > 0  # z starts at the original, then moves
+    np.testing.assert_allclose(t["loss"], np.add(np.add(t["motion_loss"], t["mask_loss"]), t["stay_close"]),
+                               rtol=1e-5)
+    moved = lambda r: float((r.z_edited - r.z_t).abs().mean())
+    assert moved(held) < moved(plain)
+    assert "stay_close" not in plain.trajectory

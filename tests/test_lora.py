@@ -62,17 +62,18 @@ def count_calls(module) -> list:
 
 # ------------------------------------------------------------------------------------------ pure functions
 
-def test_noising_and_targets_match_diffusers():
-    from diffusers import DDPMScheduler
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+def test_diffusion_target_follows_the_prediction_type():
+    from diffusers import DDIMScheduler
+    from dragdiffusion.errors import ConfigError
     g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    t = torch.tensor([0, 500, 999])
-    ac = sched.alphas_cumprod
-    torch.testing.assert_close(lora_lib.forward_noise(ac, x0, noise, t), sched.add_noise(x0, noise, t))
-    torch.testing.assert_close(lora_lib.diffusion_target("v_prediction", ac, x0, noise, t),
-                               sched.get_velocity(x0, noise, t))
-    assert lora_lib.diffusion_target("epsilon", ac, x0, noise, t) is noise
+    x0, noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0, 500, 999])
+    eps = DDIMScheduler(beta_schedule="scaled_linear")
+    assert lora_lib.diffusion_target(eps, x0, noise, t) is noise
+    v = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    a = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(lora_lib.diffusion_target(v, x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    with pytest.raises(ConfigError, match="prediction_type"):
+        lora_lib.diffusion_target(DDIMScheduler(prediction_type="sample"), x0, noise, t)
 
 
 def test_resized_size_short_side():
@@ -126,11 +127,10 @@ def test_lora_loss_goes_down_on_a_fixed_image(backbone):
     noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (16,), generator=g)
     from dragdiffusion.backbone import encode_prompt
     cond = encode_prompt(backbone, "a disc")
-    ac = backbone.scheduler.alphas_cumprod
 
     def eval_loss():
         with torch.no_grad():
-            return float(lora_lib.lora_loss(backbone.unet, x0, noise, t, cond, ac, "epsilon"))
+            return float(lora_lib.lora_loss(backbone.unet, backbone.scheduler, x0, noise, t, cond))
 
     lora_lib.remove_identity_lora(backbone.unet)
     before = eval_loss()
@@ -195,8 +195,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
             backbone.unet.enable_gradient_checkpointing()
         for p in params:
             p.grad = None
-        lora_lib.lora_loss(backbone.unet, x0, noise, torch.tensor([3, 800]), cond, backbone.scheduler.alphas_cumprod,
-                           "epsilon").backward()
+        lora_lib.lora_loss(backbone.unet, backbone.scheduler, x0, noise, torch.tensor([3, 800]), cond).backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
         resnet_calls.append("step")
     backbone.unet.disable_gradient_checkpointing()
@@ -247,19 +246,20 @@ def test_loading_replaces_the_previous_lora(backbone, tiny_model_dir, tmp_path):
     # a dataset folder as train.py data=... writes it: each sample finds its own
     assert lora_lib.resolve_lora_file(tmp_path, "s2") == files[1]
     # one editor, several samples in a row: lora.path of sample 1, then sample 2, then no LoRA at all
-    editor = SimpleNamespace(cfg=load_config(REPO / "configs/edit.yaml", ["model=tiny", "lora.rank=4"]),
-                             backbone=backbone)
+    from dragdiffusion.editor import DragEditor
+    editor = DragEditor(load_config(REPO / "configs/edit.yaml", ["model=tiny", "lora.rank=4", "trainer=cpu"]),
+                        backbone=backbone)
     editor.cfg.lora.path = str(files[0])
-    assert lora_lib.prepare_for_edit(editor, SimpleNamespace(name="s1")) == str(files[0])
+    assert editor.prepare_lora(SimpleNamespace(name="s1")) == str(files[0])
     editor.cfg.lora.path = str(tmp_path)
-    assert lora_lib.prepare_for_edit(editor, SimpleNamespace(name="s2")) == str(files[1])
+    assert editor.prepare_lora(SimpleNamespace(name="s2")) == str(files[1])
     assert list(backbone.unet.peft_config) == [lora_lib.ADAPTER]
     pipe = stock_pipeline(tiny_model_dir)
     base = unet_out(pipe.unet)
     pipe.load_lora_weights(str(files[1].parent))
     torch.testing.assert_close(unet_out(backbone.unet), unet_out(pipe.unet), atol=1e-5, rtol=1e-5)
     editor.cfg.lora.path, editor.cfg.lora.enabled = None, False
-    assert lora_lib.prepare_for_edit(editor, SimpleNamespace(name="s3")) is None
+    assert editor.prepare_lora(SimpleNamespace(name="s3")) is None
     torch.testing.assert_close(unet_out(backbone.unet), base, atol=0, rtol=0)
 
 

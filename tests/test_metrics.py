@@ -295,7 +295,7 @@ def test_evaluate_cli_errors_name_what_is_wrong(tmp_path, dragbench_dir, capsys)
 
 def test_edit_config_evaluation_uses_the_run_trainer_logger_and_overrides():
     from dragdiffusion.config import load_config
-    from dragdiffusion.evaluate import config_from_edit
+    from dragdiffusion.evaluation import config_from_edit
     edit = load_config(REPO / "configs" / "edit.yaml", ["data=/d", "out=/o", "evaluate=true", "trainer=cpu",
                                                         "logger=csv", "evaluate_overrides=[model=tiny,mean_distance.t=200]"])
     cfg = config_from_edit(edit)
