@@ -46,7 +46,9 @@ class Backbone:
         for module in (pipe.vae, pipe.text_encoder, pipe.unet):
             module.requires_grad_(False)
             module.eval()
-            module.to(device=policy.device, dtype=policy.weight_dtype)
+            if module.dtype != policy.weight_dtype:  # a pipeline built in another dtype (benchmarks)
+                module.to(dtype=policy.weight_dtype)
+            module.to(device=policy.device)
         return cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                    scheduler=make_ddim_scheduler(dict(pipe.scheduler.config)), source=source,
                    device=policy.device, dtype=policy.weight_dtype)

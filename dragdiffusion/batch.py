@@ -15,7 +15,11 @@ How it runs:
 - Outputs mirror the input tree: ``<out>/<category>/<sample>/`` (``EditResult.save``: atomic writes,
   dragged_image.png last). Rows of all ranks are gathered to rank 0, which writes ``<out>/summary.json`` and
   ``summary.csv`` (sample, status ok/failed/skipped, iterations, final distance, seconds, error).
-- Resume: a sample whose dragged_image.png and trajectory.json exist is skipped; the rest are (re)done.
+- Resume: a sample whose dragged_image.png and trajectory.json exist is skipped if its config.yaml has this run's
+  result-shaping settings (model, drag, lora, reference, seed, precision); finished samples made with other
+  settings refuse the run (naming the keys) unless ``overwrite=true`` redoes them. The rest are (re)done.
+- SIGINT / SIGTERM stop the run at its next step; a sample's files are written whole or not at all, and the
+  summary lists what finished (exit status 130 / 143).
 - A failing sample (bad data, non-finite loss, out of memory) is recorded and the run goes on; the exit
   status is 1 when any sample failed.
 
@@ -42,13 +46,16 @@ from omegaconf import DictConfig, OmegaConf
 from .backbone import load_backbone
 from .data.datamodule import DragDataModule
 from .data.validate import check_dataset, format_report
-from .errors import ConfigError, DragError, UnsafePickleError
+from .errors import ConfigError, DragError, Interrupted, UnsafePickleError
 from .io import save_json, save_text
 from .loggers import close_logger, edit_media, log_batch_results, make_logger
 from .editor import DragEditor
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
 from .lora import train_lora_for_sample
+from .outputs import EDIT_RESULT_KEYS, LORA_RESULT_KEYS, changed_settings, check_writable, saved_config
 from .policy import DevicePolicy, distributed_trainer
+from .sample import ReadLimits
+from .signals import deferred_signals
 
 SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "seconds", "error", "rank")
 
@@ -108,28 +115,58 @@ def say(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- per-sample jobs
 
-class EditJob:
-    """One drag edit per sample with ``DragEditor.edit``; finished = dragged_image.png + trajectory.json."""
+class Job:
+    """What a batch does per sample; subclasses say what a finished sample is (``finished``) and run one (``run``).
+
+    A finished sample counts as done only if the settings that shape its result (``result_keys``) are the ones it
+    was made with (its saved config.yaml); ``redo`` holds finished samples to do again (``overwrite=true``)."""
+    result_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.out_root = Path(cfg.out)
         self.backbone = None
         self.policy: DevicePolicy | None = None
-        self.media: dict[str, dict] = {}  # thumbnails + curves of this process's samples, for the logger's table
+        self.redo: set[str] = set()
+        self.rows: list[dict] = []  # this process's finished samples
+
+    def finished(self, name: str) -> bool:
+        raise NotImplementedError
 
     def is_done(self, name: str) -> bool:
-        return edit_finished(self.out_root / name)
+        return name not in self.redo and self.finished(name)
+
+    def changed_settings(self, name: str) -> list[str]:
+        """For a finished sample: the result-shaping settings it was made with that differ from this run's."""
+        saved = saved_config(self.out_root / name)
+        if saved is None:
+            return ["config.yaml: missing or unreadable"]
+        return changed_settings(saved, self.cfg, self.result_keys)
 
     def setup(self, device: torch.device) -> None:
         if self.backbone is None:
             self.policy = DevicePolicy.from_config(self.cfg, device)
             self.backbone = load_backbone(self.cfg.model, self.policy)
 
+    def finished_row(self, name: str) -> dict:
+        return row(name, "skipped", seconds=0.0, rank=0)
+
+
+class EditJob(Job):
+    """One drag edit per sample with ``DragEditor.edit``; finished = dragged_image.png + trajectory.json."""
+    result_keys = EDIT_RESULT_KEYS
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        self.media: dict[str, dict] = {}  # thumbnails + curves of this process's samples, for the logger's table
+
+    def finished(self, name: str) -> bool:
+        return edit_finished(self.out_root / name)
+
     def sample_config(self, name: str) -> DictConfig:
         """The run's config; in pipeline mode (lora.enabled) with a LoRA already on disk, that LoRA is loaded."""
         lora = find_lora(name, self.out_root, self.cfg.get("lora_dir")) if self.cfg.lora.enabled and \
-            not self.cfg.lora.path else None
+            not self.cfg.lora.path and name not in self.redo else None
         return OmegaConf.merge(self.cfg, {"lora": {"path": str(lora)}}) if lora else self.cfg
 
     def run(self, sample, name: str) -> dict:
@@ -139,8 +176,9 @@ class EditJob:
         with torch.enable_grad():  # predict runs under no_grad; the drag optimization needs autograd
             result = editor.edit(sample, out_dir=out)
         check_finite(result.trajectory, result.z_edited)
-        remove_stale_temp_files(out)
-        result.save(out, cfg)
+        with deferred_signals():  # a sample's files are written whole or not at all
+            remove_stale_temp_files(out)
+            result.save(out, cfg)
         if cfg.logger.name != "none":
             self.media[name] = edit_media(result)
         t = result.trajectory
@@ -150,27 +188,17 @@ class EditJob:
         """The row of a sample finished by an earlier run (figures read back from its trajectory.json)."""
         try:
             t = json.loads((self.out_root / name / "trajectory.json").read_text())
-            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")))
+            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")), 0.0, rank=0)
         except (OSError, ValueError):
-            return row(name, "skipped")
+            return super().finished_row(name)
 
 
-class LoraJob:
+class LoraJob(Job):
     """One identity LoRA per sample (``train.py data=DIR``): ``<out>/<sample>/pytorch_lora_weights.safetensors``."""
+    result_keys = LORA_RESULT_KEYS
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.out_root = Path(cfg.out)
-        self.backbone = None
-        self.policy: DevicePolicy | None = None
-
-    def is_done(self, name: str) -> bool:
+    def finished(self, name: str) -> bool:
         return (self.out_root / name / LORA_WEIGHTS).is_file()
-
-    def setup(self, device: torch.device) -> None:
-        if self.backbone is None:
-            self.policy = DevicePolicy.from_config(self.cfg, device)
-            self.backbone = load_backbone(self.cfg.model, self.policy)
 
     def run(self, sample, name: str) -> dict:
         with torch.enable_grad():
@@ -178,9 +206,6 @@ class LoraJob:
             cfg = OmegaConf.merge(self.cfg, {"logger": {"name": "none"}})
             train_lora_for_sample(cfg, sample, self.out_root / name, self.backbone, self.policy)
         return {}
-
-    def finished_row(self, name: str) -> dict:
-        return row(name, "skipped")
 
 
 def run_item(job, item: dict, rank: int = 0) -> dict:
@@ -220,6 +245,7 @@ class BatchModule(L.LightningModule):
             print(f"[rank {self.global_rank}] {r['sample']}: {r['status']}"
                   + (f" ({r['error']})" if r["error"] else "") + f" in {r['seconds']:.1f} s", flush=True)
             rows.append(r)
+        self.job.rows += rows  # what this process finished, also when the run is stopped by a signal
         return rows
 
 
@@ -258,40 +284,78 @@ def write_summary(out_root: Path, rows: list[dict], info: dict) -> None:
     save_text(out_root / "summary.csv", buf.getvalue())
 
 
-def run_dataset(cfg: DictConfig, job) -> int:
-    """Validate, shard, run ``job`` per sample, write the summary; 0 all done, 1 some sample failed."""
+def check_finished_samples(job: Job, names: list[str], overwrite: bool) -> None:
+    """Finished samples made with other result-shaping settings: refused (a ConfigError naming the keys), or
+    redone with ``overwrite=true``."""
+    stale = {n: changes for n in names if job.finished(n) and (changes := job.changed_settings(n))}
+    if not stale:
+        return
+    first, changes = next(iter(stale.items()))
+    if not overwrite:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise ConfigError(f"out={job.out_root}: {len(stale)} finished sample(s) were made with other settings "
+                          f"(e.g. {first}: {shown}); use a new out=, or overwrite=true to redo them")
+    job.redo = set(stale)
+    say(f"overwrite=true: redoing {len(stale)} finished sample(s) made with other settings")
+
+
+def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float, interrupted: int | None = None):
+    """Write summary.json / summary.csv, print the counts and the failures (rank 0)."""
+    rows.sort(key=lambda r: r["sample"])
+    out = Path(cfg.out)
+    info = {"data": str(cfg.data), "out": str(out), "world_size": world_size, "seconds": round(seconds, 3)}
+    if interrupted is not None:
+        info["interrupted_by_signal"] = interrupted
+    write_summary(out, rows, info)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed"
+        + (f"; stopped by signal {interrupted}, the rest not run" if interrupted is not None else "")
+        + f"; summary: {out / 'summary.csv'}")
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"failed: {r['sample']}: {r['error']}", file=sys.stderr)
+
+
+def run_dataset(cfg: DictConfig, job: Job) -> int:
+    """Validate, shard, run ``job`` per sample, write the summary; 0 all done, 1 some sample failed.
+
+    Everything that can be checked is checked before any model loads: the device policy, ``out`` is writable, every
+    sample reads (within ``limits``), finished samples were made with these settings. A SIGINT / SIGTERM stops the
+    run at its next step; the summary then lists the samples that finished."""
     tic = time.perf_counter()
     DevicePolicy.from_config(cfg)  # precision, dtype and device are checked before anything runs
-    checks = check_dataset(cfg.data)
+    check_writable(cfg.out)
+    checks = check_dataset(cfg.data, ReadLimits.from_config(cfg))
     say(format_report(checks))
     unsafe = [c.name for c in checks if c.unsafe]
     if unsafe:
         raise UnsafePickleError(f"data={cfg.data}: refusing the dataset, {len(unsafe)} meta_data.pkl would run code "
                                 f"when unpickled ({', '.join(unsafe)}); nothing was run")
-    invalid = [row(c.name, "failed", error=c.error) for c in checks if not c.ok]
+    check_finished_samples(job, [c.name for c in checks if c.ok], bool(cfg.get("overwrite", False)))
+    invalid = [row(c.name, "failed", seconds=0.0, error=c.error, rank=0) for c in checks if not c.ok]
     logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)  # one run per job: only rank 0 creates it
     trainer = make_batch_trainer(cfg.trainer, bool(cfg.quiet))
-    datamodule = DragDataModule([(c.name, c.path) for c in checks if c.ok], job.is_done)
-    with warnings.catch_warnings():  # nothing left to do / one sample per step are expected here
-        warnings.filterwarnings("ignore", ".*(Total length of `DataLoader` across ranks is zero|does not have many "
-                                          "workers).*")
-        predictions = trainer.predict(BatchModule(job), datamodule=datamodule) or []
+    datamodule = DragDataModule([(c.name, c.path) for c in checks if c.ok], job.is_done,
+                                limits=ReadLimits.from_config(cfg))
+    job.rows = []
+    try:
+        with warnings.catch_warnings():  # nothing left to do / one sample per step are expected here
+            warnings.filterwarnings("ignore", ".*(Total length of `DataLoader` across ranks is zero|does not have "
+                                              "many workers).*")
+            predictions = trainer.predict(BatchModule(job), datamodule=datamodule) or []
+    except Interrupted as stop:
+        if trainer.is_global_zero:  # this process's finished samples (another process's are in their folders)
+            summarize(cfg, job.rows + invalid + [job.finished_row(n) for n in datamodule.skipped],
+                      trainer.world_size, time.perf_counter() - tic, stop.signum)
+        close_logger(logger, failed=True)
+        raise
     rows = gather_rows([r for batch in predictions for r in batch]) + invalid
     media = {k: v for part in gather_rows([getattr(job, "media", {})]) for k, v in part.items()}
     if trainer.is_global_zero:
         for name in datamodule.skipped:
             say(f"{name}: skipped (finished before)")
             rows.append(job.finished_row(name))
-        rows.sort(key=lambda r: r["sample"])
-        out = Path(cfg.out)
-        write_summary(out, rows, {"data": str(cfg.data), "out": str(out), "world_size": trainer.world_size,
-                                  "seconds": round(time.perf_counter() - tic, 3)})
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
-        say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
-            f"summary: {out / 'summary.csv'}")
-        for r in rows:
-            if r["status"] == "failed":
-                print(f"failed: {r['sample']}: {r['error']}", file=sys.stderr)
+        summarize(cfg, rows, trainer.world_size, time.perf_counter() - tic)
         log_batch_results(logger, rows, media)  # every rank's samples, gathered above
     close_logger(logger)
     return 1 if any(r["status"] == "failed" for r in rows) else 0

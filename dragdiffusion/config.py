@@ -253,6 +253,17 @@ class AppConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """What an input file may be (checked before it is decoded): refuses decompression bombs and huge files."""
+    max_image_pixels: int = 50_000_000  # width x height of an image or mask (8000 x 6000 passes)
+    max_file_bytes: int = 200 * 2 ** 20  # an image, mask, drag.json or meta_data.pkl on disk
+
+    def __post_init__(self):
+        check(self.max_image_pixels >= 64, "limits.max_image_pixels", self.max_image_pixels, "a positive pixel count")
+        check(self.max_file_bytes >= 1024, "limits.max_file_bytes", self.max_file_bytes, "at least 1024 bytes")
+
+
+@dataclass
 class EditConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -261,7 +272,7 @@ class EditConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # inputs: either a sample folder (DragBench or our format) / dataset, or the four fields below
-    sample: Optional[str] = None
+    sample: Optional[str] = None  # a sample folder, or "demo" (the built-in demo sample)
     data: Optional[str] = None
     image: Optional[str] = None
     points: Optional[Any] = None  # [[x, y], ...] or its JSON text, alternating handle, target (input pixels)
@@ -271,6 +282,8 @@ class EditConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     app: AppConfig = field(default_factory=AppConfig)
     out: str = "outputs"
+    overwrite: bool = False  # replace a folder that is not an earlier edit's / redo samples made with other settings
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     lora_dir: Optional[str] = None  # data=DIR with lora.enabled: reuse <lora_dir>/<sample>/pytorch_lora_weights.safetensors
     seed: int = 42
     quiet: bool = False
@@ -292,6 +305,8 @@ class LoraTrainConfig:
     prompt: Optional[str] = None
     data: Optional[str] = None
     out: str = "outputs/lora"
+    overwrite: bool = False  # data=DIR: retrain samples whose LoRA was made with other settings
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     ckpt_path: Optional[str] = None  # resume from a Lightning checkpoint (written every lora.save_every steps)
     quiet: bool = False
 
@@ -340,6 +355,7 @@ class EvaluateConfig:
     result_name: str = "dragged_image.png"
     resize_mismatched: bool = False  # resize an edited image of another size to the source's (else reported)
     out: Optional[str] = None  # where the tables go (default: the results folder)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     quiet: bool = False
 
 

@@ -141,8 +141,8 @@ class DragEditModule(L.LightningModule):
             if moved is not None:
                 self.handles.copy_(moved)
         self.history["handles"].append(self.handles.tolist())
-        for i, d in enumerate(handle_distances(self.handles, self.targets).tolist()):
-            self.log(f"drag/distance_{i}", d, on_step=True, prog_bar=False)
+        distances = {f"drag/distance_{i}": d for i, d in enumerate(handle_distances(self.handles, self.targets).tolist())}
+        self.log_dict({"drag/step": float(step.index), **distances}, on_step=True, prog_bar=False)
         if any(callback.reached(self, step) for callback in callbacks):
             self.reached = True
             self.stop_step = step.index

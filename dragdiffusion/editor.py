@@ -212,7 +212,7 @@ class DragEditor:
         if d.n_pix_step > 0:
             tc = self.cfg.trainer
             trainer = self.policy.trainer(d.n_pix_step, cbs, logger or False, bool(self.cfg.quiet),
-                                          bool(tc.enable_progress_bar), int(tc.log_every_n_steps))
+                                          bool(tc.enable_progress_bar), int(tc.log_every_n_steps), stage="drag")
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
                                                   "`training_step` returned `None`|TPU available).*")

@@ -32,8 +32,9 @@ from .io import save_json, save_text
 from .loggers import close_logger, log_table, make_logger
 from .images import as_image_tensor, resize_uint8
 from .metrics import ImageFidelity, MeanDistance
+from .outputs import check_writable
 from .policy import DevicePolicy, distributed_trainer
-from .sample import read_image
+from .sample import DEFAULT_LIMITS, ReadLimits, read_image
 
 EVALUATE_YAML = CONFIG_DIR / "evaluate.yaml"
 SAMPLE_COLUMNS = ("sample", "category", "status", "n_pairs", "mean_distance", "image_fidelity", "message")
@@ -55,13 +56,13 @@ def new_row(name: str) -> dict:
 
 
 def load_item(name: str, folder: str | Path, results: str | Path, result_name: str,
-              resize_mismatched: bool = False) -> dict:
+              resize_mismatched: bool = False, limits: ReadLimits = DEFAULT_LIMITS) -> dict:
     """{row, sample, edited}: the sample, its edited image, and a row whose status says what is wrong
     (missing: no output; size_mismatch: an output of another size; error: unreadable). Never raises DragError."""
     row = new_row(name)
     item = {"row": row, "sample": None, "edited": None}
     try:
-        sample = read_sample(folder, name)
+        sample = read_sample(folder, name, limits)
     except DragError as exc:
         row.update(status="error", message=f"sample: {exc}")
         return item
@@ -72,7 +73,7 @@ def load_item(name: str, folder: str | Path, results: str | Path, result_name: s
         row.update(status="missing", message=f"no {result_name} in {path.parent}")
         return item
     try:
-        edited = read_image(path, "edited image", name)
+        edited = read_image(path, "edited image", name, limits)
     except DragError as exc:
         row.update(status="error", message=str(exc))
         return item
@@ -89,8 +90,9 @@ def load_item(name: str, folder: str | Path, results: str | Path, result_name: s
 
 
 class EvaluationItems(Dataset):
-    def __init__(self, entries: list[tuple[str, str]], results: str, result_name: str, resize_mismatched: bool):
-        self.entries, self.results = entries, results
+    def __init__(self, entries: list[tuple[str, str]], results: str, result_name: str, resize_mismatched: bool,
+                 limits: ReadLimits = DEFAULT_LIMITS):
+        self.entries, self.results, self.limits = entries, results, limits
         self.result_name, self.resize_mismatched = result_name, resize_mismatched
 
     def __len__(self) -> int:
@@ -98,7 +100,7 @@ class EvaluationItems(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         name, folder = self.entries[i]
-        return load_item(name, folder, self.results, self.result_name, self.resize_mismatched)
+        return load_item(name, folder, self.results, self.result_name, self.resize_mismatched, self.limits)
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -199,7 +201,8 @@ class EvaluationModule(L.LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
-        items = EvaluationItems(self.entries, str(self.cfg.results), self.cfg.result_name, self.cfg.resize_mismatched)
+        items = EvaluationItems(self.entries, str(self.cfg.results), self.cfg.result_name, self.cfg.resize_mismatched,
+                                ReadLimits.from_config(self.cfg))
         return DataLoader(items, batch_size=1, sampler=ShardSampler(len(items), rank, world), collate_fn=as_list)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -267,6 +270,7 @@ def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
             raise ConfigError(f"{key}=DIR is required (results: the edited images, data: the dataset)")
     if not Path(cfg.results).is_dir():
         raise ConfigError(f"results={cfg.results}: folder not found")
+    check_writable(cfg.out or cfg.results, "out" if cfg.out else "results")  # the tables go there
     data = Path(cfg.data)
     folders = find_samples(data)
     if not folders:

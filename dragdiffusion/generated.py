@@ -24,7 +24,7 @@ from .data import read_sample
 from .ddim import ddim_denoise, inversion_timesteps
 from .errors import SampleError
 from .images import to_uint8
-from .sample import DragSample, make_sample
+from .sample import DragSample, ReadLimits, make_sample
 
 
 @dataclass
@@ -81,9 +81,10 @@ def generation_inputs(cfg) -> DragSample:
     ``sample=DIR`` (a replay folder: its image.png must have the generated size) or ``points=`` / ``mask=``,
     the prompt from ``prompt=`` or the folder. The image is a blank placeholder of the generated size."""
     g = cfg.generation
+    limits = ReadLimits.from_config(cfg)
     blank = np.zeros((int(g.height), int(g.width), 3), np.uint8)
     if cfg.sample:
-        folder = read_sample(cfg.sample)
+        folder = read_sample(cfg.sample, limits=limits)
         if (folder.width, folder.height) != (int(g.width), int(g.height)):
             raise SampleError("image", f"{cfg.sample}: the image is {folder.width}x{folder.height} px but "
                                        f"generation.width x height is {g.width}x{g.height}; expected the same size",
@@ -93,4 +94,4 @@ def generation_inputs(cfg) -> DragSample:
     if cfg.points is None:
         raise SampleError("points", "generate=true needs points='[[x, y], ...]' (alternating handle, target, in "
                                     "pixels of the generated image) or sample=DIR")
-    return make_sample(blank, cfg.points, cfg.mask, "" if cfg.prompt is None else str(cfg.prompt), "generated")
+    return make_sample(blank, cfg.points, cfg.mask, "" if cfg.prompt is None else str(cfg.prompt), "generated", limits)

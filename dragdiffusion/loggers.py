@@ -73,6 +73,13 @@ def make_logger(cfg: DictConfig, config: DictConfig | None = None, quiet: bool =
         raise ConfigError(f"config key 'logger.name' = {name!r}: expected one of none, wandb, tensorboard, csv")
     if config is not None:
         logger.log_hyperparams(to_container(config))
+    if isinstance(logger, WandbLogger):
+        # each stage its own x axis: the LoRA's and the drag's Trainers both count global_step from 0
+        run = logger.experiment
+        for stage, also in (("lora", ("lr-*",)), ("drag", ())):
+            run.define_metric(f"{stage}/step")
+            for pattern in (f"{stage}/*",) + also:
+                run.define_metric(pattern, step_metric=f"{stage}/step")
     return logger
 
 

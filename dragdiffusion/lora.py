@@ -20,7 +20,10 @@ Work that is never paid twice:
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,17 +33,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .backbone import Backbone, encode_prompt, load_backbone
 from .config import normalize_precision, to_yaml
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, DragError, ModelLoadError
 from .data.datamodule import StepIndices
 from .images import to_model_input
 from .io import save_text
@@ -200,60 +206,183 @@ def resolve_lora_file(path: str | Path, sample_name: str | None = None) -> Path:
     raise ModelLoadError(f"lora.path: no LoRA file found; looked for {', '.join(str(c) for c in candidates)}")
 
 
-def read_lora_file(file: Path) -> tuple[dict, dict | None, dict | None]:
-    """(state dict with ``unet.``/``text_encoder.`` keys, network alphas, adapter metadata) of a LoRA file."""
+# ----------------------------------------------------------------------------------------------- LoRA files
+
+KEY_STYLES = {
+    "diffusers": "diffusers ('unet.<layer>.lora.down.weight', as train.py writes)",
+    "peft": "peft ('unet.<layer>.lora_A.weight')",
+    "dragdiffusion-official": "the official DragDiffusion code's (diffusers 0.24: 'unet.unet.<layer>.lora.down.weight')",
+    "attn-processor": "diffusers attention processors ('unet.<attention>.processor.to_q_lora.down.weight')",
+    "kohya": "kohya / sd-scripts ('lora_unet_...'), not supported",
+    "unknown": "unknown",
+}
+
+
+def key_style(keys) -> str:
+    """Which LoRA file layout ``keys`` follow (a KEY_STYLES name)."""
+    keys = [k for k in keys if not k.endswith(".alpha")]
+    if not keys:
+        return "unknown"
+    if all(k.startswith("lora_unet_") or k.startswith("lora_te") for k in keys):
+        return "kohya"
+    if any(k.startswith("unet.unet.") for k in keys):
+        return "dragdiffusion-official"
+    if any(".processor." in k and "_lora." in k for k in keys):
+        return "attn-processor"
+    if any(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys):
+        return "peft"
+    if any(k.endswith(("lora.down.weight", "lora.up.weight")) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def to_diffusers_key(key: str) -> str:
+    """A key of any supported style as today's diffusers key ('unet.<layer>.lora.down.weight'): the official
+    DragDiffusion files' doubled 'unet.' prefix goes, attention-processor names become layer names."""
+    while key.startswith("unet.unet."):
+        key = key[len("unet."):]
+    if ".processor." in key:
+        key = key.replace(".processor.", ".")
+        for name in ("to_q", "to_k", "to_v"):
+            key = key.replace(f".{name}_lora.", f".{name}.lora.")
+        key = key.replace(".to_out_lora.", ".to_out.0.lora.")
+    return key
+
+
+def read_lora_header(file: Path) -> tuple[dict[str, tuple[int, ...]], dict | None]:
+    """(shape of every tensor, adapter metadata) from a safetensors file's header only, without the tensors."""
     try:
-        return StableDiffusionLoraLoaderMixin.lora_state_dict(str(file.parent), weight_name=file.name,
-                                                              use_safetensors=True, local_files_only=True,
-                                                              return_lora_metadata=True)
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            header = handle.metadata() or {}
     except Exception as exc:  # truncated, not safetensors, unreadable header...
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelLoadError(f"lora.path: {file}: not a readable LoRA safetensors file "
                              f"({exc.__class__.__name__}: {first})") from None
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        raise ModelLoadError(f"lora.path: {file}: its '{LORA_ADAPTER_METADATA_KEY}' header is not JSON") from None
+    return shapes, metadata
 
 
-def check_lora_fits(state: dict, unet, rank: int, file: Path) -> dict[str, torch.Tensor]:
-    """The UNet part of ``state`` (``unet.`` prefix removed); a ModelLoadError naming ``file`` if it does not fit
-    this UNet (wrong base model: unknown layer or shape) or has another rank than ``lora.rank``."""
+def lora_pairs(names) -> dict[str, tuple[str, str]]:
+    """{layer: (down key, up key)} of diffusers-style keys ('<layer>.lora.down.weight' / 'lora_A.weight')."""
+    layers: dict[str, dict[str, str]] = {}
+    for key in names:
+        for part, suffixes in (("down", ("lora.down.weight", "lora_A.weight")), ("up", ("lora.up.weight", "lora_B.weight"))):
+            for suffix in suffixes:
+                if key.endswith("." + suffix):
+                    layers.setdefault(key[:-len(suffix) - 1], {})[part] = key
+    return {layer: (d.get("down"), d.get("up")) for layer, d in layers.items()}
+
+
+def check_lora_file(path: str | Path, rank: int, sample_name: str | None = None) -> Path:
+    """Check ``lora.path`` from its header alone, before any model loads: the file is there and readable, holds
+    UNet LoRA weights of a supported key style, and its rank is ``lora.rank``. Returns the file."""
+    file = resolve_lora_file(path, sample_name)
+    shapes, _ = read_lora_header(file)
+    style = key_style(shapes)
+    if style in ("kohya", "unknown"):
+        first = next(iter(shapes), "(none)")
+        raise ModelLoadError(f"lora.path: {file}: LoRA keys in the style {KEY_STYLES[style]} (first key '{first}'); "
+                             "expected a diffusers LoRA (train.py), a peft one, or the official DragDiffusion code's")
+    unet_keys = {to_diffusers_key(k): v for k, v in shapes.items() if k.startswith("unet.")}
+    pairs = lora_pairs(unet_keys)
+    if not pairs:
+        raise ModelLoadError(f"lora.path: {file}: holds no UNet LoRA weights (keys starting with 'unet.'); "
+                             "expected a diffusers-format LoRA such as train.py writes")
+    for layer, (down, up) in pairs.items():
+        if down is None or up is None:
+            raise ModelLoadError(f"lora.path: {file}: layer '{layer}' has only one of its two LoRA matrices")
+        file_rank = unet_keys[down][0]
+        if file_rank != int(rank):
+            raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
+                                 f"set lora.rank={file_rank} or train a new LoRA")
+    return file
+
+
+def read_lora_file(file: Path) -> tuple[dict, dict | None, dict | None, str]:
+    """(state dict with diffusers 'unet.' keys, network alphas, adapter metadata, key style) of a LoRA file, any
+    supported key style converted on read."""
+    _, metadata = read_lora_header(file)
+    try:
+        raw = load_file(str(file))
+    except Exception as exc:
+        raise ModelLoadError(f"lora.path: {file}: not a readable LoRA safetensors file "
+                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    style = key_style(raw)
+    state = {to_diffusers_key(k): v for k, v in raw.items() if not k.endswith(".alpha")}
+    alphas = {to_diffusers_key(k): float(v) for k, v in raw.items() if k.endswith(".alpha")} or None
+    return state, alphas, metadata, style
+
+
+def check_lora_fits(state: dict, unet, rank: int, file: Path, style: str = "diffusers") -> dict[str, torch.Tensor]:
+    """The UNet part of ``state`` (``unet.`` prefix removed); a ModelLoadError naming ``file``, the first layer
+    that does not fit and the file's key style if it was made for another UNet, or has another rank than
+    ``lora.rank``."""
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     if not unet_state:
         raise ModelLoadError(f"lora.path: {file}: holds no UNet LoRA weights (keys starting with 'unet.'); "
                              "expected a diffusers-format LoRA such as train.py writes")
-    for key, value in unet_state.items():
-        for down, up in (("lora.down.weight", "lora.up.weight"), ("lora_A.weight", "lora_B.weight")):
-            if key.endswith(down) or key.endswith(up):
-                module_name = key.rsplit("." + (down if key.endswith(down) else up), 1)[0]
-                is_down = key.endswith(down)
-                break
-        else:
-            continue  # alphas and other bookkeeping
-        try:
-            layer = unet.get_submodule(module_name)
-        except AttributeError:
-            raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' does not exist in this UNet; the LoRA "
-                                 "was made for another base model (model.name_or_path)") from None
-        layer = getattr(layer, "base_layer", layer)
-        if not isinstance(layer, torch.nn.Linear) or value.ndim != 2:
-            raise ModelLoadError(f"lora.path: {file}: '{key}' does not fit layer '{module_name}' of this UNet; "
-                                 "the LoRA was made for another base model")
-        file_rank = value.shape[0] if is_down else value.shape[1]
-        features = value.shape[1] if is_down else value.shape[0]
-        expected = layer.in_features if is_down else layer.out_features
-        if features != expected:
-            raise ModelLoadError(f"lora.path: {file}: '{key}' has shape {tuple(value.shape)} but layer "
-                                 f"'{module_name}' has {expected} {'input' if is_down else 'output'} features; "
-                                 "the LoRA was made for another base model (model.name_or_path)")
-        if file_rank != rank:
-            raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
-                                 f"set lora.rank={file_rank} or train a new LoRA")
+    for module_name, (down, up) in lora_pairs(unet_state).items():
+        for key, is_down in ((down, True), (up, False)):
+            if key is None:
+                raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' has only one of its two LoRA matrices")
+            value = unet_state[key]
+            try:
+                layer = unet.get_submodule(module_name)
+            except AttributeError:
+                raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' does not exist in this UNet (first "
+                                     f"missing layer; the file's keys are in the style {KEY_STYLES[style]}); the "
+                                     "LoRA was made for another base model (model.name_or_path)") from None
+            layer = getattr(layer, "base_layer", layer)
+            if not isinstance(layer, torch.nn.Linear) or value.ndim != 2:
+                raise ModelLoadError(f"lora.path: {file}: '{key}' does not fit layer '{module_name}' of this UNet; "
+                                     "the LoRA was made for another base model")
+            file_rank = value.shape[0] if is_down else value.shape[1]
+            features = value.shape[1] if is_down else value.shape[0]
+            expected = layer.in_features if is_down else layer.out_features
+            if features != expected:
+                raise ModelLoadError(f"lora.path: {file}: '{key}' has shape {tuple(value.shape)} but layer "
+                                     f"'{module_name}' has {expected} {'input' if is_down else 'output'} features; "
+                                     "the LoRA was made for another base model (model.name_or_path)")
+            if file_rank != rank:
+                raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
+                                     f"set lora.rank={file_rank} or train a new LoRA")
     return unet_state
+
+
+def convert_lora_file(source: str | Path, target: str | Path) -> Path:
+    """Write a LoRA of any supported key style (e.g. the official DragDiffusion code's) in today's diffusers format:
+    ``target`` is a .safetensors file or a folder (which gets pytorch_lora_weights.safetensors). The weights are
+    copied as they are; a file without alphas or metadata keeps the scale 1 (alpha = rank)."""
+    file = resolve_lora_file(source)
+    state, alphas, metadata, _ = read_lora_file(file)
+    unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
+    if not lora_pairs(unet_state):
+        raise ModelLoadError(f"lora convert: {file}: holds no UNet LoRA weights")
+    target = Path(target)
+    folder, name = (target.parent, target.name) if target.suffix == ".safetensors" else (target, WEIGHT_NAME)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in unet_state.items()}
+    if alphas:
+        tensors.update({k: torch.tensor(v) for k, v in alphas.items()})
+    header = {"format": "pt"}
+    if metadata:
+        header[LORA_ADAPTER_METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True)
+    tmp = folder / f".{name}.tmp"
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, folder / name)
+    return folder / name
 
 
 def load_identity_lora(unet, path: str | Path, rank: int, sample_name: str | None = None) -> Path:
     """Load a LoRA file into ``unet`` as the identity adapter (replacing a previous one, never stacking)."""
     file = resolve_lora_file(path, sample_name)
-    state, alphas, metadata = read_lora_file(file)
-    check_lora_fits(state, unet, int(rank), file)
+    state, alphas, metadata, style = read_lora_file(file)
+    check_lora_fits(state, unet, int(rank), file, style)
     remove_identity_lora(unet)
     if alphas and metadata:
         metadata = None  # diffusers takes one of the two; the alphas hold the scale
@@ -331,6 +460,7 @@ class LoraIdentityModule(L.LightningModule):
         loss = lora_loss(self.unet, self.scheduler, x0, noise, t, self.cond)
         self.losses.append(float(loss.detach()))
         self.log("lora/loss", loss, on_step=True, prog_bar=True)
+        self.log("lora/step", float(self.global_step), on_step=True, prog_bar=False)
         return loss
 
     def configure_optimizers(self):
@@ -411,9 +541,9 @@ def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, tra
         policy = DevicePolicy(backbone.device, normalize_precision(trainer_cfg.precision), backbone.dtype)
     if policy is not None:
         trainer = policy.trainer(steps, callbacks, logger, quiet, bool(trainer_cfg.enable_progress_bar),
-                                 int(trainer_cfg.log_every_n_steps), enable_checkpointing=checkpointing)
+                                 int(trainer_cfg.log_every_n_steps), enable_checkpointing=checkpointing, stage="LoRA")
     else:
-        trainer = distributed_trainer(trainer_cfg, quiet=quiet, max_steps=steps, max_epochs=-1,
+        trainer = distributed_trainer(trainer_cfg, quiet=quiet, max_steps=steps, max_epochs=1,
                                       callbacks=callbacks, logger=logger, enable_checkpointing=checkpointing)
     if steps > 0:
         with warnings.catch_warnings():
@@ -458,3 +588,27 @@ def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone
     finally:
         close_logger(logger, failed)
     return out_dir / WEIGHT_NAME
+
+
+def main(argv=None) -> int:
+    """``python -m dragdiffusion.lora convert IN OUT``: a LoRA of another key style in today's format."""
+    parser = argparse.ArgumentParser(prog="python -m dragdiffusion.lora",
+                                     description="LoRA file tools. convert: write a LoRA of another key style "
+                                                 "(the official DragDiffusion code's, attention-processor keys) in "
+                                                 "the diffusers format that train.py writes and stock pipelines load.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="convert IN (file or folder) to OUT (file or folder)")
+    convert.add_argument("source")
+    convert.add_argument("target")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_lora_file(args.source, args.target)
+    except DragError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

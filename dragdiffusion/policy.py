@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import OmegaConf
 
-from .console import quiet_lightning
+from .console import StageProgressBar, quiet_lightning
 from .config import normalize_precision
 from .errors import ConfigError
 
@@ -146,21 +146,23 @@ class DevicePolicy:
                 f"{', GradScaler' if self.grad_scaler else ''}")
 
     def trainer(self, max_steps: int, callbacks=(), logger=False, quiet: bool = False, progress_bar: bool = True,
-                log_every_n_steps: int = 1, enable_checkpointing: bool = False) -> L.Trainer:
+                log_every_n_steps: int = 1, enable_checkpointing: bool = False, stage: str = "steps") -> L.Trainer:
         """A Trainer on this policy's one device and precision (gradients are never shared with other processes).
 
         It may run inside a process of a multi-device job (a batch on DDP, torchrun, SLURM): the explicit
         ``LightningEnvironment`` keeps it out of that cluster (no SLURM signal handlers of its own), and
         ``KeepOnDeviceStrategy`` leaves the model on the device after ``fit``."""
         quiet_lightning(quiet)
+        progress_bar = progress_bar and not quiet
+        callbacks = list(callbacks) + ([StageProgressBar(stage)] if progress_bar else [])
         accelerator = "gpu" if self.device.type == "cuda" else self.device.type
         devices = [self.device.index or 0] if self.device.type == "cuda" else 1
         return L.Trainer(
             accelerator=accelerator, devices=devices, strategy=KeepOnDeviceStrategy(self.device),
             plugins=[LightningEnvironment()], num_nodes=1, precision=self.lightning_precision,
-            max_steps=int(max_steps), max_epochs=-1, callbacks=list(callbacks), logger=logger,
+            max_steps=int(max_steps), max_epochs=1, callbacks=callbacks, logger=logger,
             enable_checkpointing=enable_checkpointing, enable_model_summary=False, num_sanity_val_steps=0,
-            log_every_n_steps=int(log_every_n_steps), enable_progress_bar=progress_bar and not quiet)
+            log_every_n_steps=int(log_every_n_steps), enable_progress_bar=progress_bar)
 
 
 def distributed_trainer(trainer_cfg, precision: str | None = None, quiet: bool = False, **kwargs) -> L.Trainer:

@@ -6,6 +6,7 @@ grid only inside the math (motion.py). Validation runs before any model is loade
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -72,70 +73,127 @@ def to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_image(path: str | Path, field_name: str = "image", sample: str | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class ReadLimits:
+    """What an input file may be: at most ``max_file_bytes`` on disk and ``max_image_pixels`` (width x height) when
+    decoded. A small PNG can claim 15000 x 12000 pixels (a decompression bomb); the limits refuse it unread.
+    The config keys ``limits.max_image_pixels`` and ``limits.max_file_bytes`` set them."""
+    max_image_pixels: int = 50_000_000  # 8000 x 6000 is fine; DragBench's largest is 512 x 913
+    max_file_bytes: int = 200 * 2 ** 20
+
+    @classmethod
+    def from_config(cls, cfg) -> "ReadLimits":
+        limits = cfg.get("limits") if hasattr(cfg, "get") else None
+        if limits is None:
+            return cls()
+        return cls(int(limits.max_image_pixels), int(limits.max_file_bytes))
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+def check_file_size(path: Path, field_name: str, sample: str | None, limits: ReadLimits) -> None:
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise SampleError(field_name, f"{path} is {size} bytes, more than limits.max_file_bytes="
+                                      f"{limits.max_file_bytes}", sample)
+
+
+def open_image(path: str | Path, field_name: str, sample: str | None, limits: ReadLimits) -> Image.Image:
+    """A decoded PIL image, within ``limits``; a SampleError naming the field otherwise (never a traceback)."""
     path = Path(path)
     if not path.exists():
         raise SampleError(field_name, f"file not found: {path}", sample)
+    if not path.is_file():
+        raise SampleError(field_name, f"{path} is not a file", sample)
+    check_file_size(path, field_name, sample, limits)
+    too_big = (f"{path} is too large to decode: more than limits.max_image_pixels={limits.max_image_pixels} "
+               "pixels (a huge image, or a decompression bomb)")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > limits.max_image_pixels:
+                img.close()
+                raise SampleError(field_name, f"{too_big.split(':')[0]}: {w}x{h} = {w * h} pixels, more than "
+                                              f"limits.max_image_pixels={limits.max_image_pixels}", sample)
             img.load()
-            return to_rgb_uint8(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SampleError(field_name, f"cannot read {path} as an image ({exc.__class__.__name__}: {exc})", sample) from None
+            return img
+    except Image.DecompressionBombError:
+        raise SampleError(field_name, too_big, sample) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise SampleError(field_name, f"cannot read {path} as an image ({exc.__class__.__name__}: {exc})",
+                          sample) from None
 
 
-def read_mask(path: str | Path, sample: str | None = None) -> np.ndarray:
-    """A mask image: any non-zero pixel (of the first channel / luminance) is editable."""
-    path = Path(path)
-    if not path.exists():
-        raise SampleError("mask", f"file not found: {path}", sample)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = np.asarray(img.convert("L"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SampleError("mask", f"cannot read {path} as an image ({exc})", sample) from None
+def read_image(path: str | Path, field_name: str = "image", sample: str | None = None,
+               limits: ReadLimits = DEFAULT_LIMITS) -> np.ndarray:
+    with open_image(path, field_name, sample, limits) as img:
+        return to_rgb_uint8(img)
+
+
+def read_mask(path: str | Path, sample: str | None = None, limits: ReadLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """A mask image: any pixel brighter than 127 (luminance) is editable."""
+    with open_image(path, "mask", sample, limits) as img:
+        arr = np.asarray(img.convert("L"))
     return (arr > 127).astype(np.uint8)
+
+
+POINTS_FORM = ("a list of [x, y] pixel pairs, alternating handle and target, for example "
+               "points='[[120, 80], [160, 80]]' (one handle at x=120, y=80 dragged to x=160, y=80)")
 
 
 def split_points(points: Sequence, sample: str | None = None) -> tuple[list, list]:
     """[[x, y], ...] alternating handle, target -> (handles, targets)."""
     try:
-        pts = [(float(p[0]), float(p[1])) for p in points]
-        if any(len(p) != 2 for p in points):
+        if isinstance(points, (str, bytes)) or any(isinstance(p, (str, bytes)) or len(p) != 2 for p in points):
             raise ValueError
+        pts = [(float(p[0]), float(p[1])) for p in points]
     except (TypeError, ValueError, IndexError):
-        raise SampleError("points", "expected a list of [x, y] pairs, alternating handle and target", sample) from None
+        raise SampleError("points", f"got {_short(points)}; expected {POINTS_FORM}", sample) from None
     if len(pts) == 0:
-        raise SampleError("points", "no points given; expected at least one handle and one target", sample)
+        raise SampleError("points", f"no points given; expected {POINTS_FORM}", sample)
     if len(pts) % 2:
         raise SampleError("points", f"odd number of points ({len(pts)}); expected handle/target pairs "
                                     "(handle, target, handle, target, ...)", sample)
     return pts[0::2], pts[1::2]
 
 
-def parse_points(text) -> list:
-    """Points from the command line: a JSON string '[[x, y], ...]' or an already-parsed list."""
-    if isinstance(text, str):
+def _short(value) -> str:
+    text = repr(value if not hasattr(value, "_content") else list(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_points(points) -> list:
+    """Points as given: a list of [x, y] (also an OmegaConf list), or its JSON text '[[x, y], ...]'."""
+    if isinstance(points, str):
         try:
-            return json.loads(text)
+            return json.loads(points)
         except json.JSONDecodeError:
-            raise SampleError("points", f"cannot parse {text!r}; expected JSON like [[120, 80], [160, 80]]") from None
-    return list(text)
+            raise SampleError("points", f"cannot parse {points!r} as JSON; expected {POINTS_FORM}") from None
+    if points is None:
+        raise SampleError("points", f"none given; expected {POINTS_FORM}")
+    try:
+        return list(points)
+    except TypeError:
+        raise SampleError("points", f"got {_short(points)}; expected {POINTS_FORM}") from None
 
 
-def make_sample(image, points, mask=None, prompt: str = "", name: str = "sample") -> DragSample:
-    """Build and validate a sample from paths or arrays. Images are converted to RGB, not rejected."""
-    img = read_image(image, "image", name) if isinstance(image, (str, Path)) else _as_rgb_array(image, name)
-    handles, targets = split_points(parse_points(points), name)
+def make_sample(image, points, mask=None, prompt: str = "", name: str = "sample",
+                limits: ReadLimits = DEFAULT_LIMITS) -> DragSample:
+    """Build and validate a sample from paths or arrays. Files are read (and checked) before the points;
+    images are converted to RGB, not rejected."""
+    img = read_image(image, "image", name, limits) if isinstance(image, (str, Path)) else _as_rgb_array(image, name)
     if isinstance(mask, (str, Path)):
-        m = read_mask(mask, name)
+        m = read_mask(mask, name, limits)
     elif mask is None:
         m = None
     else:
         m = (np.asarray(mask) > 0).astype(np.uint8)
         if m.ndim == 3:
             m = m[..., 0]
+    handles, targets = split_points(parse_points(points), name)
     return DragSample(img, handles, targets, m, prompt or "", name).validate()
 
 

@@ -149,7 +149,7 @@ def test_broken_samples_are_reported_and_the_others_finish(tmp_path, tiny_model_
     argv = ["--config", "configs/edit.yaml", *TINY, f"data={data}", f"out={out}"]
     assert edit_cli.main(argv) == 1
     report = capsys.readouterr().out
-    assert "3 samples, 2 valid, 1 invalid" in report and "invalid: target_outside" in report
+    assert "3 samples, 2 pairs, 2 valid, 1 invalid" in report and "invalid: target_outside" in report
     rows = {x["sample"]: x for x in summary(out)["samples"]}
     assert rows["good"]["status"] == "ok" and (out / "good" / "dragged_image.png").is_file()
     assert rows["target_outside"]["status"] == "failed" and "outside the image" in rows["target_outside"]["error"]

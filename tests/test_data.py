@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from dragdiffusion.data import find_samples, read_sample, safe_load_pickle
+from test_hostile import png_bomb
 from dragdiffusion.data import convert, validate
 from dragdiffusion.data.convert import convert_dataset, write_dragbench_sample, write_folder_sample
 from dragdiffusion.data.datamodule import DragDataModule, SampleFolders, ShardSampler, shard_indices
@@ -164,13 +165,17 @@ def make_bad_dataset(root, marker):
     write_dragbench_sample(good, root / "b" / "evil")
     evil_pickle(root / "b" / "evil" / "meta_data.pkl", marker)
     write_dragbench_sample(good, root / "b" / "db_good")
+    write_folder_sample(good, root / "b" / "bomb")  # a decompression bomb: 15000 x 12000 px in a few hundred bytes
+    png_bomb(root / "b" / "bomb" / "image.png")
 
 
 def test_validation_reports_every_bad_sample_and_why(tmp_path, capsys):
     marker = tmp_path / "pwned"
     make_bad_dataset(tmp_path / "data", marker)
     checks = {c.name: c for c in check_dataset(tmp_path / "data")}
-    assert sorted(checks) == ["a/good", "a/target_outside", "a/unpaired", "b/db_good", "b/evil", "b/mask_size"]
+    assert sorted(checks) == ["a/good", "a/target_outside", "a/unpaired", "b/bomb", "b/db_good", "b/evil",
+                              "b/mask_size"]
+    assert "too large to decode" in checks["b/bomb"].error
     assert checks["a/good"].ok and checks["b/db_good"].ok
     assert "points" in checks["a/target_outside"].error and "outside the image" in checks["a/target_outside"].error
     assert "as many targets as handles" in checks["a/unpaired"].error
@@ -178,7 +183,7 @@ def test_validation_reports_every_bad_sample_and_why(tmp_path, capsys):
     assert checks["b/evil"].unsafe and not checks["a/unpaired"].unsafe
     assert not marker.exists()
     report = format_report(list(checks.values()))
-    assert report.startswith("6 samples, 2 valid, 4 invalid")
+    assert report.startswith("7 samples, 2 pairs, 2 valid, 5 invalid")
     assert "UNSAFE: b/evil" in report and "invalid: a/unpaired" in report
     assert validate.main([str(tmp_path / "data")]) == 2  # an unsafe pickle: refuse
     (tmp_path / "data" / "b" / "evil" / "meta_data.pkl").unlink()

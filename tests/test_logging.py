@@ -100,6 +100,16 @@ def test_wandb_offline_loss_curve_has_one_point_per_step_and_matches_trajectory_
     assert [r["drag/distance_px_0"] for r in rows] == pytest.approx(expected, rel=1e-4)
 
 
+def test_wandb_stages_have_their_own_step_axes(wandb_edit):
+    """The LoRA and drag Trainers both count global_step from 0: each stage's curves use its own step metric."""
+    result, run_dir, traj = wandb_edit
+    axes = {r["metric"].get("glob_name"): r["metric"].get("step_metric") for r in leet(run_dir) if r["type"] == "metric"}
+    assert axes["lora/*"] == "lora/step" and axes["drag/*"] == "drag/step"
+    rows = history(run_dir)
+    assert [r["lora/step"] for r in rows if "lora/loss" in r] == [0, 1]  # lora.steps=2
+    assert [r["drag/step"] for r in rows if "drag/loss" in r] == list(range(traj["iterations"]))
+
+
 def test_wandb_offline_trajectory_images_are_pngs_of_the_input_size(wandb_edit):
     result, run_dir, traj = wandb_edit
     rows = [r for r in history(run_dir) if "drag/trajectory.filenames" in r]

@@ -234,6 +234,42 @@ def test_bad_lora_files_give_clear_errors(backbone, tmp_path):
     assert not getattr(unet, "peft_config", None)  # nothing half-loaded
 
 
+def test_official_dragdiffusion_lora_files_load_and_convert(backbone, tiny_model_dir, tmp_path):
+    """A file as the official code writes it (diffusers 0.24: 'unet.unet.<layer>.lora.down.weight', no alphas, no
+    metadata; scale 1) loads as it is, converts to today's format, and gives a stock pipeline the same UNet."""
+    from safetensors.torch import load_file, save_file
+    cfg = lora_cfg("lora.rank=4", "lora.alpha=4")  # alpha = rank: scale 1, as the official files' (no alpha)
+    lora_lib.add_identity_lora(backbone.unet, cfg.lora, 0)
+    for name, p in backbone.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(3))
+    ours = load_file(str(lora_lib.save_lora(backbone.unet, tmp_path / "ours")))
+    official = tmp_path / "official" / lora_lib.WEIGHT_NAME
+    official.parent.mkdir()
+    save_file({"unet." + k: v for k, v in ours.items()}, str(official), metadata={"format": "pt"})
+    assert next(iter(load_file(str(official)))).startswith("unet.unet.down_blocks.")
+    assert lora_lib.key_style(load_file(str(official))) == "dragdiffusion-official"
+    assert lora_lib.check_lora_file(official.parent, 4) == official  # the header check accepts it
+    lora_lib.remove_identity_lora(backbone.unet)
+    lora_lib.load_identity_lora(backbone.unet, official, 4)
+    loaded = unet_out(backbone.unet)
+    converted = lora_lib.convert_lora_file(official, tmp_path / "converted")
+    assert set(load_file(str(converted))) == set(ours)
+    pipe = stock_pipeline(tiny_model_dir)
+    pipe.load_lora_weights(str(converted.parent))
+    torch.testing.assert_close(loaded, unet_out(pipe.unet), atol=1e-5, rtol=1e-5)
+    import train as train_cli  # the same conversion from the command line
+    assert train_cli.main(["--convert", str(official), str(tmp_path / "cli")]) == 0
+    assert load_file(str(tmp_path / "cli" / lora_lib.WEIGHT_NAME)).keys() == ours.keys()
+    # a truly foreign file: the first missing layer and the file's key style are named
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"unet.mid_block.no_such_layer.to_q.lora.down.weight": torch.zeros(4, 32),
+               "unet.mid_block.no_such_layer.to_q.lora.up.weight": torch.zeros(32, 4)}, str(foreign))
+    with pytest.raises(ModelLoadError, match=r"layer 'mid_block.no_such_layer.to_q' does not exist.*style diffusers"):
+        lora_lib.load_identity_lora(backbone.unet, foreign, 4)
+    lora_lib.remove_identity_lora(backbone.unet)
+
+
 def test_loading_replaces_the_previous_lora(backbone, tiny_model_dir, tmp_path):
     cfg = lora_cfg("lora.rank=4")
     files = []
@@ -267,7 +303,7 @@ def test_loading_replaces_the_previous_lora(backbone, tiny_model_dir, tmp_path):
 
 def test_edit_cli_trains_then_reuses_the_lora(tmp_path, tiny_model_dir):
     import edit
-    common = ["model=tiny", "trainer=cpu", "drag.width=128", "drag.n_pix_step=2", "quiet=true",
+    common = ["model=tiny", "trainer=cpu", "drag.width=128", "drag.n_pix_step=2", "quiet=true", "sample=demo",
               "lora.resolution=64"]
     assert edit.main(["--config", str(REPO / "configs/edit.yaml"), *common, "lora.enabled=true", "lora.steps=2",
                       f"out={tmp_path / 'a'}"]) == 0

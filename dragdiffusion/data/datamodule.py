@@ -14,6 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DragError
+from ..sample import DEFAULT_LIMITS, ReadLimits
 from .readers import read_sample
 
 
@@ -38,8 +39,9 @@ class ShardSampler(Sampler[int]):
 class SampleFolders(Dataset):
     """Items {name, path, sample, error}: reading errors travel as data so one bad sample stops nothing."""
 
-    def __init__(self, entries: list[tuple[str, str]]):
+    def __init__(self, entries: list[tuple[str, str]], limits: ReadLimits = DEFAULT_LIMITS):
         self.entries = list(entries)
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -47,7 +49,7 @@ class SampleFolders(Dataset):
     def __getitem__(self, i: int) -> dict:
         name, path = self.entries[i]
         try:
-            return {"name": name, "path": path, "sample": read_sample(path, name), "error": None}
+            return {"name": name, "path": path, "sample": read_sample(path, name, self.limits), "error": None}
         except DragError as exc:
             return {"name": name, "path": path, "sample": None, "error": str(exc)}
 
@@ -62,8 +64,10 @@ class DragDataModule(L.LightningDataModule):
 
     After ``setup`` on rank 0, ``skipped`` holds the names found done already (resume)."""
 
-    def __init__(self, entries: list[tuple[str, str]], is_done: Callable[[str], bool], num_workers: int = 0):
+    def __init__(self, entries: list[tuple[str, str]], is_done: Callable[[str], bool], num_workers: int = 0,
+                 limits: ReadLimits = DEFAULT_LIMITS):
         super().__init__()
+        self.limits = limits
         self.entries = [(str(n), str(p)) for n, p in entries]
         self.is_done = is_done
         self.num_workers = num_workers
@@ -85,7 +89,7 @@ class DragDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return DataLoader(SampleFolders(self.pending), batch_size=1, sampler=ShardSampler(len(self.pending), rank, world),
+        return DataLoader(SampleFolders(self.pending, self.limits), batch_size=1, sampler=ShardSampler(len(self.pending), rank, world),
                           collate_fn=as_list, num_workers=self.num_workers)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SampleError, UnsafePickleError
-from ..sample import DragSample, make_sample, read_mask
+from ..sample import DEFAULT_LIMITS, DragSample, ReadLimits, check_file_size, make_sample, read_mask
 
 # (module, name) pairs a DragBench pickle may reference: numpy's array and scalar reconstruction (pickle
 # protocols 2 to 5, numpy 1.x and 2.x module names) and the latin-1 bytes helper of protocol 2; nothing else.
@@ -49,11 +49,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                 "numpy arrays) is allowed in a meta_data.pkl")
 
 
-def safe_load_pickle(path: str | Path, sample: str | None = None):
+def safe_load_pickle(path: str | Path, sample: str | None = None, limits: ReadLimits = DEFAULT_LIMITS):
     """Load a pickle that may hold only plain containers, numbers, strings and numpy arrays.
 
     A pickle that references anything else raises UnsafePickleError before anything is called; a truncated
     or garbled file raises SampleError (a broken sample, not an attack)."""
+    check_file_size(Path(path), "meta_data.pkl", sample, limits)
     data = Path(path).read_bytes()
     try:
         return _RestrictedUnpickler(io.BytesIO(data)).load()
@@ -71,13 +72,14 @@ def sample_name(folder: Path, root: Path | None = None) -> str:
     return Path(folder).relative_to(root).as_posix()
 
 
-def read_dragbench_sample(folder: str | Path, name: str | None = None) -> DragSample:
+def read_dragbench_sample(folder: str | Path, name: str | None = None,
+                          limits: ReadLimits = DEFAULT_LIMITS) -> DragSample:
     folder = Path(folder)
     name = name or folder.name
     meta_path = folder / "meta_data.pkl"
     if not meta_path.exists():
         raise SampleError("meta_data.pkl", f"not found in {folder}", name)
-    meta = safe_load_pickle(meta_path, name)
+    meta = safe_load_pickle(meta_path, name, limits)
     if not isinstance(meta, dict):
         raise SampleError("meta_data.pkl", f"expected a dict, got {type(meta).__name__}", name)
     for key in ("points",):
@@ -91,18 +93,21 @@ def read_dragbench_sample(folder: str | Path, name: str | None = None) -> DragSa
         if mask.ndim != 2 or not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool):
             raise SampleError("mask", f"expected an H x W array of 0/1 in {meta_path}, got "
                                       f"{type(meta['mask']).__name__} of shape {mask.shape} ({mask.dtype})", name)
-    return make_sample(folder / "original_image.png", meta["points"], mask, str(meta.get("prompt") or ""), name)
+    return make_sample(folder / "original_image.png", meta["points"], mask, str(meta.get("prompt") or ""), name,
+                       limits)
 
 
-def read_folder_sample(folder: str | Path, name: str | None = None) -> DragSample:
+def read_folder_sample(folder: str | Path, name: str | None = None,
+                       limits: ReadLimits = DEFAULT_LIMITS) -> DragSample:
     folder = Path(folder)
     name = name or folder.name
     drag_path = folder / "drag.json"
     try:
+        check_file_size(drag_path, "drag.json", name, limits)
         drag = json.loads(drag_path.read_text())
     except FileNotFoundError:
         raise SampleError("drag.json", f"not found in {folder}", name) from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SampleError("drag.json", f"not valid JSON ({exc})", name) from None
     if not isinstance(drag, dict) or "handles" not in drag or "targets" not in drag:
         raise SampleError("drag.json", 'expected {"prompt": ..., "handles": [[x, y], ...], "targets": [[x, y], ...]}', name)
@@ -115,8 +120,8 @@ def read_folder_sample(folder: str | Path, name: str | None = None) -> DragSampl
                                        f"{len(targets)} targets", name)
     points = [p for pair in zip(handles, targets) for p in pair]
     mask_path = folder / "mask.png"
-    mask = read_mask(mask_path, name) if mask_path.exists() else None
-    return make_sample(folder / "image.png", points, mask, str(drag.get("prompt") or ""), name)
+    mask = read_mask(mask_path, name, limits) if mask_path.exists() else None
+    return make_sample(folder / "image.png", points, mask, str(drag.get("prompt") or ""), name, limits)
 
 
 def is_dragbench_sample(folder: Path) -> bool:
@@ -127,15 +132,15 @@ def is_folder_sample(folder: Path) -> bool:
     return (folder / "drag.json").exists() and (folder / "image.png").exists()
 
 
-def read_sample(folder: str | Path, name: str | None = None) -> DragSample:
-    """A sample folder in either layout."""
+def read_sample(folder: str | Path, name: str | None = None, limits: ReadLimits = DEFAULT_LIMITS) -> DragSample:
+    """A sample folder in either layout (files within ``limits``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SampleError("sample", f"folder not found: {folder}", name)
     if (folder / "meta_data.pkl").exists():
-        return read_dragbench_sample(folder, name)
+        return read_dragbench_sample(folder, name, limits)
     if (folder / "drag.json").exists():
-        return read_folder_sample(folder, name)
+        return read_folder_sample(folder, name, limits)
     raise SampleError("sample", f"{folder} holds neither meta_data.pkl + original_image.png (DragBench) nor "
                                 "drag.json + image.png (our format)", name)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DragError, SampleError, UnsafePickleError
+from ..sample import DEFAULT_LIMITS, ReadLimits
 from .readers import find_samples, read_sample, sample_name
 
 
@@ -23,27 +24,28 @@ class SampleCheck:
     path: Path
     error: str | None = None  # why the sample cannot be edited; None = good
     unsafe: bool = False  # its meta_data.pkl would have run code
+    pairs: int = 0  # handle/target pairs (of a valid sample)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def check_sample(folder: Path, root: Path) -> SampleCheck:
+def check_sample(folder: Path, root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> SampleCheck:
     name = sample_name(folder, root)
     try:
-        read_sample(folder, name)
+        sample = read_sample(folder, name, limits)
     except UnsafePickleError as exc:
         return SampleCheck(name, folder, str(exc), unsafe=True)
     except DragError as exc:
         return SampleCheck(name, folder, str(exc))
-    return SampleCheck(name, folder)
+    return SampleCheck(name, folder, pairs=len(sample.handles))
 
 
-def check_dataset(root: str | Path) -> list[SampleCheck]:
+def check_dataset(root: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> list[SampleCheck]:
     """One SampleCheck per sample folder below ``root``, in the sorted order every process agrees on."""
     root = Path(root)
-    checks = [check_sample(folder, root) for folder in find_samples(root)]
+    checks = [check_sample(folder, root, limits) for folder in find_samples(root)]
     if not checks:
         raise SampleError("data", f"no samples found below {root}; expected <sample>/meta_data.pkl + "
                                   "original_image.png (DragBench) or <sample>/drag.json + image.png folders")
@@ -52,7 +54,8 @@ def check_dataset(root: str | Path) -> list[SampleCheck]:
 
 def format_report(checks: list[SampleCheck]) -> str:
     bad = [c for c in checks if not c.ok]
-    lines = [f"{len(checks)} samples, {len(checks) - len(bad)} valid, {len(bad)} invalid"]
+    pairs = sum(c.pairs for c in checks)
+    lines = [f"{len(checks)} samples, {pairs} pairs, {len(checks) - len(bad)} valid, {len(bad)} invalid"]
     lines += [f"  {'UNSAFE' if c.unsafe else 'invalid'}: {c.name}: {c.error}" for c in bad]
     return "\n".join(lines)
 
@@ -61,9 +64,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dragdiffusion.data.validate",
                                      description="Check every sample of a drag dataset and report the bad ones.")
     parser.add_argument("data", help="dataset folder (DragBench layout, ours, or a mix)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_LIMITS.max_image_pixels,
+                        help="refuse images of more pixels (default: %(default)s, limits.max_image_pixels)")
+    parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_LIMITS.max_file_bytes,
+                        help="refuse larger files (default: %(default)s, limits.max_file_bytes)")
     args = parser.parse_args(argv)
     try:
-        checks = check_dataset(args.data)
+        checks = check_dataset(args.data, ReadLimits(args.max_image_pixels, args.max_file_bytes))
     except DragError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
