@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
+from einops import rearrange
 
 
 @dataclass
@@ -46,20 +48,34 @@ class ReferenceAttnProcessor:
         k = attn.to_k(context)
         v = attn.to_v(context)
         batch, heads = q.shape[0], attn.heads
-        split = lambda x: x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-        q, k, v = split(q), split(k), split(v)
+        q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
         if self.window.active and batch % 2 == 0:
             n = batch // 2
             k = torch.cat([k[:n], k[:n]])
             v = torch.cat([v[:n], v[:n]])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]).to(q.dtype)
+        out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+@contextmanager
+def classic_attention(unet, enabled: bool = True):
+    """With ``enabled``: every attention layer on diffusers' classic processor (bmm, softmax, bmm: what the reference
+    runs in its inversion and drag when no LoRA is loaded); the previous processors come back after."""
+    if not enabled:
+        yield
+        return
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(previous)
 
 
 def controlled_layer_names(unet, prefixes: list[str]) -> list[str]:

@@ -186,6 +186,9 @@ class ReferenceControlConfig:
     layers: list[str] = field(default_factory=lambda: ["up_blocks.2", "up_blocks.3"])  # prefixes of attn1 names
     start_step: int = 0  # first denoising step (0-based, of the remaining steps) with control
     end_step: Optional[int] = None  # one past the last; None = all
+    # reproduce the reference's numbers: without a LoRA its inversion and drag use the classic (non-fused)
+    # attention, and it samples the shifted motion patch with its own bilinear weights. Slower (README: Numerics)
+    exact: bool = False
 
 
 @dataclass
@@ -403,7 +406,7 @@ def _omegaconf_message(exc: OmegaConfBaseException, schema=EditConfig) -> str:
         near += [k for k in difflib.get_close_matches(str(key), known, n=3, cutoff=0.6) if k not in near]
         if near:
             return f"config key '{key}' does not exist; did you mean {' or '.join(near[:3])}?"
-        return f"config key '{key}' does not exist (python edit.py --print-config lists every key)"
+        return f"config key '{key}' does not exist (--print-config lists every key)"
     return f"config key '{key}': {text}"
 
 

@@ -82,16 +82,18 @@ class DragEditModule(L.LightningModule):
         mask_latent: [1, 1, h, w] (1 = may change) or None.
         guidance_scale: classifier-free guidance s of a generated image (cond then holds uncond, cond):
             features are ``mix_guided_features`` of both halves, eps is the guided prediction.
+        patch_as_reference: sample the shifted motion patch as the reference does (``reference.exact``).
     """
 
     def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, patch_as_reference: bool = False):
         super().__init__()
         if guidance_scale > 1 and cond.shape[0] != 2:
             raise ValueError("guidance_scale > 1 needs cond = [uncond, cond] (2 rows), got "
                              f"{cond.shape[0]} row(s)")
         self.guidance_scale = float(guidance_scale)
+        self.patch_as_reference = bool(patch_as_reference)
         object.__setattr__(self, "unet", unet)  # not a submodule: frozen, not saved, not wrapped
         self.scheduler = scheduler
         self.t = int(t)
@@ -148,7 +150,8 @@ class DragEditModule(L.LightningModule):
             self.stop_step = step.index
             self.trainer.should_stop = True
             return None  # no update at this step
-        terms = {"motion_loss": motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m)}
+        terms = {"motion_loss": motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m,
+                                                        as_reference=self.patch_as_reference)}
         for callback in callbacks:
             terms.update(callback.loss_terms(self, step))
         loss = sum(terms.values())

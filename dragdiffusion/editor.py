@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .console import quiet_lightning
-from .attention import StepWindow, reference_control
+from .attention import StepWindow, classic_attention, reference_control
 from .backbone import Backbone, decode_latent, encode_image, encode_prompt, load_backbone
 from .callbacks import MaskRegularization, PointTracking
 from .config import EditConfig, load_config, to_yaml
@@ -30,10 +30,10 @@ from .ddim import ddim_denoise, ddim_invert, inversion_timesteps
 from .drag import DragEditModule
 from .errors import ConfigError, SampleError
 from .generated import GeneratedImage, sample_image
-from .images import resize_mask, to_model_input, to_uint8
+from .images import latent_mask, to_model_input, to_uint8
 from .io import save_json, save_png, save_text
 from .loggers import TrajectoryLogger, log_edit_result, log_lora_artifact, lora_callbacks
-from .lora import WEIGHT_NAME, load_identity_lora, remove_identity_lora, train_lora
+from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
 from .policy import DevicePolicy
 from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, make_sample, pixels_to_grid, working_size
 
@@ -168,7 +168,8 @@ class DragEditor:
         uncond = encode_prompt(self.backbone, "") if d.guidance_scale > 1 else None
         z0 = encode_image(self.backbone, to_model_input(sample.image, work_hw).to(self.device))
         # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
-        z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts)
+        with classic_attention(self.backbone.unet, self.classic_attention_needed()):
+            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts)
         return DragStart(z_t, int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps), tuple(work_hw),
                          cond, uncond, float(d.guidance_scale))
 
@@ -200,10 +201,11 @@ class DragEditor:
         targets_rc = pixels_to_grid(sample.targets, (sample.height, sample.width), grid_hw).to(self.device)
         mask_latent = None
         if sample.has_mask:
-            mask_latent = resize_mask(sample.mask, tuple(start.z_t.shape[-2:])).to(self.device)
+            mask_latent = latent_mask(sample.mask, grid_hw, tuple(start.z_t.shape[-2:])).to(self.device)
         self.backbone.scheduler.set_timesteps(start.steps)  # the DDIM step size of the drag's x_prev
         module = DragEditModule(self.backbone.unet, self.backbone.scheduler, start.z_t, start.t, start.drag_cond,
-                                handles_rc, targets_rc, grid_hw, d, mask_latent, guidance_scale=start.drag_guidance)
+                                handles_rc, targets_rc, grid_hw, d, mask_latent, guidance_scale=start.drag_guidance,
+                                patch_as_reference=bool(self.cfg.reference.exact))
         cbs = self.logging_callbacks(sample, callbacks, logger)
         if d.point_tracking:
             cbs.append(PointTracking(d.r_p, d.stop_distance))
@@ -213,11 +215,15 @@ class DragEditor:
             tc = self.cfg.trainer
             trainer = self.policy.trainer(d.n_pix_step, cbs, logger or False, bool(self.cfg.quiet),
                                           bool(tc.enable_progress_bar), int(tc.log_every_n_steps), stage="drag")
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), classic_attention(self.backbone.unet, self.classic_attention_needed()):
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
                                                   "`training_step` returned `None`|TPU available).*")
                 trainer.fit(module)
         return module
+
+    def classic_attention_needed(self) -> bool:
+        """``reference.exact`` without a LoRA: the reference's inversion and drag use the classic attention."""
+        return bool(self.cfg.reference.exact) and not has_identity_lora(self.backbone.unet)
 
     def logging_callbacks(self, sample: DragSample, callbacks, logger) -> list:
         """``callbacks`` + a TrajectoryLogger (``logger.image_every``, ``logger.image_source``) when logging."""

@@ -37,7 +37,7 @@ def to_uint8(x: torch.Tensor, size_hw: tuple[int, int] | None = None) -> np.ndar
     if size_hw is not None and tuple(x.shape[-2:]) != tuple(size_hw):
         x = F.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False)
     x = x.clamp(0, 1)
-    return (rearrange(x, "1 c h w -> h w c").cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return (rearrange(x, "1 c h w -> h w c").cpu().numpy() * 255).astype(np.uint8)
 
 
 def as_image_tensor(image) -> torch.Tensor:
@@ -75,6 +75,14 @@ def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
 
 
 def resize_mask(mask, size_hw: tuple[int, int]) -> torch.Tensor:
-    """H x W {0, 1} mask (array or tensor) -> [1, 1, h, w] float, nearest-resized."""
+    """H x W {0, 1} mask (array or tensor) or [1, 1, H, W] -> [1, 1, h, w] float, nearest-resized."""
     m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).float()
-    return F.interpolate(m[None, None], size=tuple(size_hw), mode="nearest")
+    m = m if m.ndim == 4 else m[None, None]
+    return F.interpolate(m, size=tuple(size_hw), mode="nearest")
+
+
+def latent_mask(mask, grid_hw: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The mask the mask term uses, resized as the reference does it: nearest to the supervision grid first, then
+    nearest from there to the latent size. (Straight to the latent size differs in a few cells of most
+    non-square images, and that changes the mask term from the first iteration.)"""
+    return resize_mask(resize_mask(mask, grid_hw), latent_hw)

@@ -154,6 +154,10 @@ def remove_identity_lora(unet) -> None:
         unet.unload_lora()  # no adapter left: restore the plain layers
 
 
+def has_identity_lora(unet) -> bool:
+    return ADAPTER in (getattr(unet, "peft_config", None) or {})
+
+
 def add_identity_lora(unet, lora_cfg, seed: int) -> list[torch.nn.Parameter]:
     """A fresh trainable identity adapter (replacing a previous one); returns its parameters (fp32)."""
     remove_identity_lora(unet)

@@ -33,12 +33,36 @@ def patch_coords(center_rc: torch.Tensor, radius: int, grid_hw: tuple[int, int])
     return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1).float()
 
 
+def shifted_patch_as_reference(feat: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+                               d: torch.Tensor) -> torch.Tensor | None:
+    """The patch ``feat[:, r1:r2, c1:c2]`` shifted by the fractional offset ``d`` (rows, cols), interpolated the way
+    the reference does it: one set of four bilinear weights for the whole patch, applied to four shifted slices.
+    None when a slice would leave the grid (the reference breaks there; the caller falls back to
+    ``bilinear_sample``, which clamps to the border)."""
+    (r1, r2), (c1, c2) = rows, cols
+    _, h, w = feat.shape
+    y1, x1 = r1 + d[0], c1 + d[1]
+    y0, x0 = torch.floor(y1), torch.floor(x1)
+    top, left = int(y0), int(x0)
+    if top < 0 or left < 0 or top + 1 + (r2 - r1) > h or left + 1 + (c2 - c1) > w:
+        return None
+    wa = (x0 + 1 - x1) * (y0 + 1 - y1)
+    wb = (x0 + 1 - x1) * (y1 - y0)
+    wc = (x1 - x0) * (y0 + 1 - y1)
+    wd = (x1 - x0) * (y1 - y0)
+    n, m = r2 - r1, c2 - c1
+    return (feat[:, top:top + n, left:left + m] * wa + feat[:, top + 1:top + 1 + n, left:left + m] * wb
+            + feat[:, top:top + n, left + 1:left + 1 + m] * wc + feat[:, top + 1:top + 1 + n, left + 1:left + 1 + m] * wd)
+
+
 def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int,
-                            min_distance: float = 2.0) -> torch.Tensor:
+                            min_distance: float = 2.0, as_reference: bool = False) -> torch.Tensor:
     """sum over handles with |t - p| >= min_distance of (2 r_m + 1)^2 * mean L1(sg(F[q]), F[q + d]).
 
     ``feat`` [C, H, W] is the current features (with grad); the stop-gradient is on the current features
     at the patch itself, so the gradient pulls the content one step along d = (t - p)/|t - p|.
+    ``as_reference``: F[q + d] by ``shifted_patch_as_reference`` (the same values up to rounding, summed in the
+    reference's order) where the shifted patch stays inside the grid.
     """
     loss = feat.new_zeros(())
     grid_hw = feat.shape[-2:]
@@ -48,6 +72,15 @@ def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: 
         if dist < min_distance:
             continue
         d = delta / dist
+        if as_reference:
+            r0, c0 = int(p[0]), int(p[1])
+            rows = (max(0, r0 - r_m), min(grid_hw[0], r0 + r_m + 1))
+            cols = (max(0, c0 - r_m), min(grid_hw[1], c0 + r_m + 1))
+            moved = shifted_patch_as_reference(feat, rows, cols, d)
+            if moved is not None:
+                source = feat[:, rows[0]:rows[1], cols[0]:cols[1]].detach()
+                loss = loss + (2 * r_m + 1) ** 2 * F.l1_loss(source, moved)
+                continue
         q = patch_coords(p, r_m, grid_hw).to(feat.device)
         source = feat[:, q[:, 0].long(), q[:, 1].long()].t().detach()  # [N, C]
         moved = bilinear_sample(feat, q + d)  # [N, C]
