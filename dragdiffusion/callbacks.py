@@ -41,13 +41,16 @@ class MaskRegularization(DragCallback):
     def __init__(self, lam: float = 0.1):
         self.lam = lam
         self.x0_prev: torch.Tensor | None = None
+        self.active: bool | None = None
 
     def on_train_start(self, trainer, pl_module):
-        self.x0_prev = None
+        self.x0_prev, self.active = None, None
 
     def needs_eps(self, module: DragEditModule) -> bool:
-        m = module.mask_latent
-        return self.lam > 0 and m is not None and bool(m.any())
+        if self.active is None:  # once per fit: the mask does not change
+            m = module.mask_latent
+            self.active = self.lam > 0 and m is not None and bool(m.any())
+        return self.active
 
     def loss_terms(self, module: DragEditModule, step: DragStep) -> dict[str, torch.Tensor]:
         if step.eps is None or not self.needs_eps(module):

@@ -108,6 +108,7 @@ class DragEditModule(L.LightningModule):
         self.register_buffer("mask_latent", None if mask_latent is None else mask_latent.float(), persistent=False)
         self.reached = False
         self.stop_step: int | None = None
+        # per iteration (tensors during the fit, numbers after it): handles (row, col) and every loss term
         self.history: dict[str, list] = {"handles": [], "motion_loss": [], "mask_loss": [], "loss": []}
 
     # ------------------------------------------------------------------ the UNet as a function of z
@@ -142,9 +143,11 @@ class DragEditModule(L.LightningModule):
             moved = callback.track(self, step)
             if moved is not None:
                 self.handles.copy_(moved)
-        self.history["handles"].append(self.handles.tolist())
-        distances = {f"drag/distance_{i}": d for i, d in enumerate(handle_distances(self.handles, self.targets).tolist())}
-        self.log_dict({"drag/step": float(step.index), **distances}, on_step=True, prog_bar=False)
+        self.history["handles"].append(self.handles.clone())
+        listening = self.listening()
+        if listening:
+            distances = {f"drag/distance_{i}": d for i, d in enumerate(handle_distances(self.handles, self.targets))}
+            self.log_dict({"drag/step": float(step.index), **distances}, on_step=True, prog_bar=False)
         if any(callback.reached(self, step) for callback in callbacks):
             self.reached = True
             self.stop_step = step.index
@@ -158,16 +161,28 @@ class DragEditModule(L.LightningModule):
         for name in set(self.history) - {"handles", "loss"} - set(terms):
             terms[name] = loss.new_zeros(())  # a term that is off this run (e.g. no mask) is recorded as 0
         for name, value in terms.items():
-            self.history.setdefault(name, []).append(float(value.detach()))
-        self.history["loss"].append(float(loss.detach()))
-        self.log_dict({f"drag/{name}": value for name, value in terms.items()} | {"drag/loss": loss},
-                      on_step=True, prog_bar=True)
+            self.history.setdefault(name, []).append(value.detach())
+        self.history["loss"].append(loss.detach())
+        if listening:
+            self.log_dict({f"drag/{name}": value for name, value in terms.items()} | {"drag/loss": loss},
+                          on_step=True, prog_bar=True)
         return loss
+
+    def listening(self) -> bool:
+        """Whether a logger or a progress bar reads the logged values (logging then costs a host sync per step;
+        without them an iteration syncs once, for the early-stop check)."""
+        return bool(self.trainer.loggers) or self.trainer.progress_bar_callback is not None
+
+    def on_train_end(self):
+        """The history (kept as device tensors during the loop) as plain numbers, in one copy per series."""
+        self.history = {k: torch.stack(v).tolist() if v and isinstance(v[0], torch.Tensor) else list(v)
+                        for k, v in self.history.items()}
 
     def configure_optimizers(self):
         name = str(self.drag.optimizer)
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
-        return cls([self.z_t], lr=self.drag.lr)
+        fused = {"fused": True} if self.z_t.is_cuda and name != "sgd" else {}  # one kernel per step on a GPU
+        return cls([self.z_t], lr=self.drag.lr, **fused)
 
     def train_dataloader(self):
         return DataLoader(StepIndices(max(1, self.drag.n_pix_step)), batch_size=1)

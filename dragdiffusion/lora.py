@@ -462,21 +462,26 @@ class LoraIdentityModule(L.LightningModule):
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=self.generator).to(self.device)
         loss = lora_loss(self.unet, self.scheduler, x0, noise, t, self.cond)
-        self.losses.append(float(loss.detach()))
-        self.log("lora/loss", loss, on_step=True, prog_bar=True)
-        self.log("lora/step", float(self.global_step), on_step=True, prog_bar=False)
+        self.losses.append(loss.detach())
+        if self.trainer.loggers or self.trainer.progress_bar_callback is not None:  # a host sync per step
+            self.log("lora/loss", loss, on_step=True, prog_bar=True)
+            self.log("lora/step", float(self.global_step), on_step=True, prog_bar=False)
         return loss
 
     def configure_optimizers(self):
         c = self.lora
         params = [p for p in self.parameters() if p.requires_grad]
-        # constant learning rate: no scheduler
-        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
+        # constant learning rate: no scheduler; on a GPU the fused AdamW (one kernel for the 256 LoRA tensors)
+        fused = {"fused": True} if params and params[0].is_cuda else {}
+        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps,
+                                 **fused)
 
     def train_dataloader(self):
         return DataLoader(StepIndices(max(1, int(self.lora.steps))), batch_size=1)
 
     def on_train_end(self):
+        if self.losses and isinstance(self.losses[0], torch.Tensor):  # kept on the device during the fit
+            self.losses = torch.stack(self.losses).tolist()
         if self.unet.is_gradient_checkpointing:
             self.unet.disable_gradient_checkpointing()  # the drag stage chooses its own
         self.unet.requires_grad_(False)

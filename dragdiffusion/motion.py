@@ -88,25 +88,27 @@ def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: 
     return loss
 
 
+@torch.no_grad()
 def track_points(feat0: torch.Tensor, feat1: torch.Tensor, handles_init: torch.Tensor, handles: torch.Tensor,
                  r_p: int) -> torch.Tensor:
-    """Move each handle to the argmin, over a (2 r_p + 1)^2 window around it (clipped), of the L1 distance
-    between ``feat1`` there and ``feat0`` at the handle's original position. Returns new (row, col) [N, 2]."""
+    """Move each handle to the argmin, over a (2 r_p + 1)^2 window around it (clipped to the grid), of the L1
+    distance between ``feat1`` there and ``feat0`` at the handle's original position. Returns new (row, col)
+    [N, 2]. All handles at once, on the features' device, without a host sync: positions outside the grid get an
+    infinite distance, so the argmin (first minimum in row-major order) is that of the clipped window."""
     _, h, w = feat1.shape
-    new = handles.clone()
-    with torch.no_grad():
-        for i in range(handles.shape[0]):
-            r0, c0 = int(handles_init[i, 0]), int(handles_init[i, 1])
-            ref = feat0[:, r0, c0]
-            r, c = int(handles[i, 0]), int(handles[i, 1])
-            r1, r2 = max(0, r - r_p), min(h, r + r_p + 1)
-            c1, c2 = max(0, c - r_p), min(w, c + r_p + 1)
-            window = feat1[:, r1:r2, c1:c2]
-            dist = (window - ref[:, None, None]).abs().sum(0)
-            idx = int(torch.argmin(dist))
-            new[i, 0] = r1 + idx // (c2 - c1)
-            new[i, 1] = c1 + idx % (c2 - c1)
-    return new
+    init = handles_init.long()  # handles are non-negative: truncation is int()
+    ref = feat0[:, init[:, 0], init[:, 1]]  # [C, N]
+    offsets = torch.arange(-r_p, r_p + 1, device=feat1.device)
+    rows = handles[:, 0].long()[:, None, None] + offsets[None, :, None]  # [N, k, 1]
+    cols = handles[:, 1].long()[:, None, None] + offsets[None, None, :]  # [N, 1, k]
+    rows, cols = torch.broadcast_tensors(rows, cols)  # [N, k, k]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    window = feat1[:, rows.clamp(0, h - 1), cols.clamp(0, w - 1)]  # [C, N, k, k]
+    dist = (window - ref[:, :, None, None]).abs().sum(0).masked_fill(~inside, float("inf"))  # [N, k, k]
+    best = dist.flatten(1).argmin(dim=1)  # [N]
+    picked = torch.stack([rows.flatten(1).gather(1, best[:, None])[:, 0], cols.flatten(1).gather(1, best[:, None])[:, 0]],
+                         dim=1)
+    return picked.to(handles.dtype)
 
 
 def handle_distances(handles: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

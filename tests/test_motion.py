@@ -70,6 +70,27 @@ def test_tracking_window_is_clipped_at_the_edge():
     assert track_points(feat0, feat1, h, h.clone(), r_p=3).tolist() == [[9.0, 9.0]]
 
 
+def test_tracking_all_handles_at_once_equals_the_window_by_window_search():
+    """The batched search equals the reference's loop over handles and clipped windows, ties and edges included."""
+    g = torch.Generator().manual_seed(0)
+    feat0, feat1 = torch.randn(5, 12, 9, generator=g), torch.randn(5, 12, 9, generator=g).round()  # ties likely
+    init = torch.tensor([[0.0, 0.0], [11.0, 8.0], [5.7, 3.2], [2.0, 8.0]])
+    handles = torch.tensor([[1.0, 0.0], [11.0, 7.9], [6.2, 4.0], [0.0, 8.0]])
+
+    def loop(r_p):
+        out = handles.clone()
+        for i in range(len(handles)):
+            ref = feat0[:, int(init[i, 0]), int(init[i, 1])]
+            r, c = int(handles[i, 0]), int(handles[i, 1])
+            r1, r2, c1, c2 = max(0, r - r_p), min(12, r + r_p + 1), max(0, c - r_p), min(9, c + r_p + 1)
+            idx = int(torch.argmin((feat1[:, r1:r2, c1:c2] - ref[:, None, None]).abs().sum(0)))
+            out[i] = torch.tensor([r1 + idx // (c2 - c1), c1 + idx % (c2 - c1)])
+        return out
+
+    for r_p in (0, 1, 3, 6):
+        assert torch.equal(track_points(feat0, feat1, init, handles, r_p), loop(r_p)), r_p
+
+
 def test_all_reached_threshold():
     assert all_reached(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), 2.0)
     assert not all_reached(torch.tensor([[0.0, 0.0], [5.0, 5.0]]), torch.tensor([[1.0, 1.0], [5.0, 8.0]]), 2.0)
