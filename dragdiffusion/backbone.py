@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from .errors import ModelLoadError
@@ -124,7 +125,22 @@ def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:
     if policy is None:
         policy = DevicePolicy(resolve_device(str(model_cfg.device)), "32", torch.float32)
     pipe = load_pipeline(model_cfg, policy.weight_dtype)
-    return Backbone.from_pipeline(pipe, policy, source=str(model_cfg.name_or_path))
+    backbone = Backbone.from_pipeline(pipe, policy, source=str(model_cfg.name_or_path))
+    apply_speedups(backbone.unet, bool(model_cfg.get("channels_last", False)), bool(model_cfg.get("compile", False)))
+    return backbone
+
+
+def apply_speedups(unet, channels_last: bool = False, compile_blocks: bool = False) -> None:
+    """Opt-in UNet speed-ups (``model.channels_last``, ``model.compile``); the numbers stay those of eager fp32 up
+    to rounding. Compilation is regional (the repeated transformer blocks) and falls back to eager code where
+    torch.compile fails; its warm-up is paid on the first pass of each new shape."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile_blocks:
+        torch._dynamo.config.suppress_errors = True  # a block that cannot compile runs eagerly
+        # every block instance and attention processor (reference control, LoRA) is its own guard
+        torch._dynamo.config.recompile_limit = max(int(torch._dynamo.config.recompile_limit), 256)
+        unet.compile_repeated_blocks()
 
 
 @torch.no_grad()

@@ -110,6 +110,8 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     local_files_only: bool = False  # never reach the network (also when HF_HUB_OFFLINE=1)
     tiny_dir: Optional[str] = None  # where the tiny model is written (default: ~/.cache/dragdiffusion)
+    channels_last: bool = False  # the UNet in channels_last memory layout (faster convolutions on some GPUs)
+    compile: bool = False  # torch.compile of the UNet's transformer blocks (a one-time warm-up; eager on failure)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -158,13 +160,43 @@ def has_identity_lora(unet) -> bool:
     return ADAPTER in (getattr(unet, "peft_config", None) or {})
 
 
+def identity_lora_layers(unet) -> list[LoraLayer]:
+    """The UNet's LoRA layers holding the identity adapter, in module order (the order peft creates them in)."""
+    return [m for _, m in unet.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+def reinit_identity_lora(unet, lora_cfg) -> bool:
+    """Give an identity adapter of the same shape (rank, alpha, target modules) fresh initial weights in place,
+    exactly the values a new ``add_adapter`` would draw, but without rebuilding 128 layers (0.3-0.5 s per sample
+    of a batch). Follows peft's creation: per layer, nn.Linear's kaiming draws for A and B, then A ~ N(0, 1/r)
+    and B = 0, on the CPU in fp32, then cast to the base layer's dtype. False when there is no such adapter."""
+    config = (getattr(unet, "peft_config", None) or {}).get(ADAPTER)
+    if config is None or (int(config.r), int(config.lora_alpha), sorted(config.target_modules)) != \
+            (int(lora_cfg.rank), int(lora_cfg.alpha), sorted(lora_cfg.target_modules)) or \
+            config.init_lora_weights != "gaussian":
+        return False
+    with torch.no_grad():
+        for layer in identity_lora_layers(unet):
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            base_dtype = layer.get_base_layer().weight.dtype
+            new_a, new_b = torch.empty(a.shape), torch.empty(b.shape)
+            torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))  # nn.Linear(in, r)'s own init
+            torch.nn.init.kaiming_uniform_(new_b, a=math.sqrt(5))  # nn.Linear(r, out)'s own init
+            torch.nn.init.normal_(new_a, std=1 / int(config.r))  # peft's "gaussian"
+            a.copy_(new_a.to(base_dtype))
+            b.zero_()
+    return True
+
+
 def add_identity_lora(unet, lora_cfg, seed: int) -> list[torch.nn.Parameter]:
-    """A fresh trainable identity adapter (replacing a previous one); returns its parameters (fp32)."""
-    remove_identity_lora(unet)
+    """A fresh trainable identity adapter (replacing a previous one); returns its parameters (fp32). An adapter of
+    the same shape is re-initialised in place (``reinit_identity_lora``: the same values, far faster)."""
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # the LoRA's init follows lora.seed, the global RNG is untouched
         torch.manual_seed(int(seed))
-        unet.add_adapter(lora_peft_config(lora_cfg), adapter_name=ADAPTER)
+        if not reinit_identity_lora(unet, lora_cfg):
+            remove_identity_lora(unet)
+            unet.add_adapter(lora_peft_config(lora_cfg), adapter_name=ADAPTER)
     params = []
     for name, p in unet.named_parameters():
         trainable = f".{ADAPTER}." in name and "lora_" in name

@@ -270,6 +270,25 @@ def test_official_dragdiffusion_lora_files_load_and_convert(backbone, tiny_model
     lora_lib.remove_identity_lora(backbone.unet)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reinitialised_adapter_equals_a_fresh_one(tiny_model_dir, dtype):
+    """A batch re-initialises the identity adapter in place between samples: the values must be those of a new
+    adapter, bit for bit (for half models too: peft rounds the init through the base layer's dtype)."""
+    from dragdiffusion.backbone import load_backbone
+    from dragdiffusion.policy import DevicePolicy
+    backbone = load_backbone(lora_cfg().model, DevicePolicy(torch.device("cpu"), "bf16-mixed" if dtype != torch.float32
+                                                            else "32", dtype))
+    cfg = lora_cfg("lora.rank=4").lora
+    unet = backbone.unet
+    fresh = [p.detach().clone() for p in lora_lib.add_identity_lora(unet, cfg, 7)]  # built from scratch
+    for p in lora_lib.add_identity_lora(unet, cfg, 1):
+        p.data.normal_()  # as if trained
+    assert lora_lib.reinit_identity_lora(unet, cfg)  # same shape: re-initialised in place
+    again = lora_lib.add_identity_lora(unet, cfg, 7)
+    assert len(again) == len(fresh) and all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(again, fresh))
+    assert not lora_lib.reinit_identity_lora(unet, lora_cfg("lora.rank=8").lora)  # another rank: rebuilt instead
+
+
 def test_loading_replaces_the_previous_lora(backbone, tiny_model_dir, tmp_path):
     cfg = lora_cfg("lora.rank=4")
     files = []
