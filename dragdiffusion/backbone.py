@@ -126,7 +126,8 @@ def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:
         policy = DevicePolicy(resolve_device(str(model_cfg.device)), "32", torch.float32)
     pipe = load_pipeline(model_cfg, policy.weight_dtype)
     backbone = Backbone.from_pipeline(pipe, policy, source=str(model_cfg.name_or_path))
-    apply_speedups(backbone.unet, bool(model_cfg.get("channels_last", False)), bool(model_cfg.get("compile", False)))
+    apply_speedups(backbone.unet, bool(getattr(model_cfg, "channels_last", False)),
+                   bool(getattr(model_cfg, "compile", False)))
     return backbone
 
 

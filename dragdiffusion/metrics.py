@@ -63,13 +63,14 @@ def encode_latent(vae, image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dift_features(unet, latent: torch.Tensor, cond: torch.Tensor, t: int, alpha_bar: float, noise: torch.Tensor,
+def dift_features(unet, scheduler, latent: torch.Tensor, cond: torch.Tensor, t: int, noise: torch.Tensor,
                   up_block: int = 1) -> torch.Tensor:
     """DIFT features [C, h, w] (fp32): the latent noised to ``t`` with each of the ``noise`` [E, 4, h, w]
-    (DDPM forward), one UNet pass with the prompt embedding ``cond`` [1, 77, D], output of
+    (DDPM forward noising: the scheduler's ``add_noise``), one UNet pass with the prompt embedding ``cond`` [1, 77, D], output of
     ``unet.up_blocks[up_block]`` averaged over the E noises. The UNet stops after that block."""
     noise = noise.to(device=latent.device, dtype=torch.float32)
-    z_t = math.sqrt(alpha_bar) * latent + math.sqrt(1 - alpha_bar) * noise
+    z_t = scheduler.add_noise(latent.float().expand(len(noise), -1, -1, -1), noise,
+                              torch.full((len(noise),), int(t), dtype=torch.long, device=latent.device))
     dtype = unet.dtype
     with FeatureCapture(unet, [up_block]) as cap:
         cap.stop_after_last = True
@@ -176,7 +177,6 @@ class MeanDistance(Metric):
         n_train = len(backbone.scheduler.alphas_cumprod)
         if not 0 <= t < n_train:
             raise ValueError(f"t: expected a timestep in 0..{n_train - 1}, got {t}")
-        self.alpha_bar = float(backbone.scheduler.alphas_cumprod[t])
         self.t, self.up_block, self.ensemble_size = int(t), int(up_block), int(ensemble_size)
         self.width, self.search, self.normalize = width, search, normalize
         self.seed, self.chunk_rows = int(seed), int(chunk_rows)
@@ -188,7 +188,7 @@ class MeanDistance(Metric):
         latent = encode_latent(self.vae, image)
         generator = torch.Generator().manual_seed(noise_seed)  # on the CPU: the same noise on every device
         noise = torch.randn((self.ensemble_size, *latent.shape[1:]), generator=generator)
-        return dift_features(self.unet, latent, cond, self.t, self.alpha_bar, noise, self.up_block)
+        return dift_features(self.unet, self.backbone.scheduler, latent, cond, self.t, noise, self.up_block)
 
     @torch.no_grad()
     def update(self, source, edited, handles, targets, prompt: str = "", name: str = "", mask=None) -> None:

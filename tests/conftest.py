@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +24,6 @@ TINY_EDIT = ["model=tiny", "trainer=cpu", "lora.enabled=false", "drag.width=128"
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """The tiny model's tensors are small: one thread is faster than two (no thread-pool spin-waits)."""
-    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -55,3 +56,20 @@ def editor_with(base, overrides: list[str]):
     from dragdiffusion.editor import DragEditor
     cfg = load_config(REPO / "configs" / "edit.yaml", TINY_EDIT + list(overrides))
     return DragEditor(cfg, backbone=base.backbone)
+
+
+class TwoStepModule(L.LightningModule):
+    """One parameter, two training steps: for tests of the Trainer plumbing itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.w], lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(2), batch_size=1)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import edit as edit_cli
-from conftest import REPO
+from conftest import REPO, TwoStepModule
 from dragdiffusion.batch import check_finite, run_item, NonFiniteResultError
 from dragdiffusion.data.convert import write_dragbench_sample, write_folder_sample
 from dragdiffusion.demo import demo_sample
@@ -213,23 +213,9 @@ def test_nested_drag_trainer_stays_out_of_the_cluster(monkeypatch):
             seen["sigusr1"] = signal.getsignal(signal.SIGUSR1)
             seen["global_rank"] = trainer.global_rank
 
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(2))
-
-        def training_step(self, batch, batch_idx):
-            return (self.w ** 2).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD([self.w], lr=0.1)
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(range(2), batch_size=1)
-
     before = signal.getsignal(signal.SIGUSR1)
     trainer = DevicePolicy.cpu().trainer(2, [Probe()], quiet=True)
-    module = Tiny()
+    module = TwoStepModule()
     trainer.fit(module)
     assert seen == {"sigusr1": before, "global_rank": 0}
     assert float(module.w.detach()[0]) < 1.0  # it did train, on its own

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import lightning as L
-from conftest import editor_with
+from conftest import TwoStepModule, editor_with
 from dragdiffusion.config import load_config
 from dragdiffusion.demo import demo_sample
 from dragdiffusion.errors import ConfigError
@@ -108,27 +108,13 @@ def test_device_settings_must_agree(monkeypatch):
 
 def test_single_device_trainer_leaves_the_module_where_it_is(monkeypatch):
     """Lightning's own teardown calls LightningModule.cpu() after fit; the policy's Trainer does not."""
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(2))
-
-        def training_step(self, batch, batch_idx):
-            return (self.w ** 2).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD([self.w], lr=0.1)
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(range(2), batch_size=1)
-
     recorder = MoveRecorder(monkeypatch, [])
-    DevicePolicy.cpu().trainer(2, quiet=True).fit(Tiny())
+    DevicePolicy.cpu().trainer(2, quiet=True).fit(TwoStepModule())
     assert recorder.calls and recorder.moves(torch.device("cpu")) == []
     recorder.calls.clear()
     L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-              enable_checkpointing=False, enable_model_summary=False).fit(Tiny())
-    assert ("Tiny", "cpu", None, None) in recorder.calls  # what the recorder is there to catch
+              enable_checkpointing=False, enable_model_summary=False).fit(TwoStepModule())
+    assert ("TwoStepModule", "cpu", None, None) in recorder.calls  # what the recorder is there to catch
 
 
 # ------------------------------------------------------------------------------------------------ whole edits

@@ -213,6 +213,16 @@ def test_resume_refuses_changed_settings_and_overwrite_redoes(tmp_path, capsys, 
     assert json.loads((out / "a" / "trajectory.json").read_text())["iterations"] == 3
 
 
+def test_a_missing_per_sample_lora_is_a_failed_row_in_a_batch(tmp_path, capsys, tiny_model_dir):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_folder_sample(demo_sample(64, 48), data / "a")
+    (tmp_path / "loras").mkdir()
+    assert edit_cli.main([*TINY, "lora.enabled=true", f"lora.path={tmp_path / 'loras'}", f"data={data}",
+                          f"out={out}"]) == 1  # a sample failed: not a bad command
+    row = summary(out)["a"]
+    assert row["status"] == "failed" and "no LoRA file found" in row["error"]
+
+
 # ----------------------------------------------------------------------------------------------- signals
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

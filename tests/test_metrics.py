@@ -168,9 +168,9 @@ def test_dift_features_are_the_ensemble_mean(tiny_md):
     cond = encode_prompt(tiny_md.backbone, "a cat")
     latent = encode_latent(tiny_md.vae, image)
     noise = torch.randn(2, *latent.shape[1:], generator=torch.Generator().manual_seed(0))
-    args = (tiny_md.unet, latent, cond, 261, tiny_md.alpha_bar)
-    both = dift_features(*args, noise, up_block=1)
-    singles = [dift_features(*args, noise[i:i + 1], up_block=1) for i in range(2)]
+    both = dift_features(tiny_md.unet, tiny_md.backbone.scheduler, latent, cond, 261, noise, up_block=1)
+    singles = [dift_features(tiny_md.unet, tiny_md.backbone.scheduler, latent, cond, 261, noise[i:i + 1], up_block=1)
+               for i in range(2)]
     assert both.shape[0] == tiny_md.unet.config.block_out_channels[-2] and both.shape[1:] == (64 // 16, 96 // 16)  # as SD: 1/16
     assert torch.allclose(both, (singles[0] + singles[1]) / 2, atol=1e-5)
     assert not torch.allclose(singles[0], singles[1])
