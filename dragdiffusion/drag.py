@@ -170,7 +170,8 @@ class DragEditModule(L.LightningModule):
 
     def listening(self) -> bool:
         """Whether a logger or a progress bar reads the logged values (logging then costs a host sync per step;
-        without them an iteration syncs once, for the early-stop check)."""
+        without them an iteration syncs twice: the early-stop check, and one copy of the handle positions that
+        place the motion patches)."""
         return bool(self.trainer.loggers) or self.trainer.progress_bar_callback is not None
 
     def on_train_end(self):

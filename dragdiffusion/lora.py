@@ -324,19 +324,27 @@ def check_lora_file(path: str | Path, rank: int, sample_name: str | None = None)
         first = next(iter(shapes), "(none)")
         raise ModelLoadError(f"lora.path: {file}: LoRA keys in the style {KEY_STYLES[style]} (first key '{first}'); "
                              "expected a diffusers LoRA (train.py), a peft one, or the official DragDiffusion code's")
-    unet_keys = {to_diffusers_key(k): v for k, v in shapes.items() if k.startswith("unet.")}
-    pairs = lora_pairs(unet_keys)
+    check_lora_pairs({to_diffusers_key(k)[len("unet."):]: v for k, v in shapes.items() if k.startswith("unet.")},
+                     rank, file)
+    return file
+
+
+def check_lora_pairs(unet_shapes: dict[str, tuple[int, ...]], rank: int, file: Path) -> dict[str, tuple[str, str]]:
+    """The {layer: (down key, up key)} pairs of a LoRA's UNet part (diffusers keys without 'unet.', with their
+    shapes); a ModelLoadError naming ``file`` when there are none, a layer lacks one of its two matrices, or the
+    rank is not ``lora.rank``."""
+    pairs = lora_pairs(unet_shapes)
     if not pairs:
         raise ModelLoadError(f"lora.path: {file}: holds no UNet LoRA weights (keys starting with 'unet.'); "
                              "expected a diffusers-format LoRA such as train.py writes")
     for layer, (down, up) in pairs.items():
         if down is None or up is None:
             raise ModelLoadError(f"lora.path: {file}: layer '{layer}' has only one of its two LoRA matrices")
-        file_rank = unet_keys[down][0]
-        if file_rank != int(rank):
-            raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
-                                 f"set lora.rank={file_rank} or train a new LoRA")
-    return file
+        for file_rank in (unet_shapes[down][0], unet_shapes[up][-1]):  # down [r, in], up [out, r]
+            if file_rank != int(rank):
+                raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
+                                     f"set lora.rank={file_rank} or train a new LoRA")
+    return pairs
 
 
 def read_lora_file(file: Path) -> tuple[dict, dict | None, dict | None, str]:
@@ -359,34 +367,26 @@ def check_lora_fits(state: dict, unet, rank: int, file: Path, style: str = "diff
     that does not fit and the file's key style if it was made for another UNet, or has another rank than
     ``lora.rank``."""
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    if not unet_state:
-        raise ModelLoadError(f"lora.path: {file}: holds no UNet LoRA weights (keys starting with 'unet.'); "
-                             "expected a diffusers-format LoRA such as train.py writes")
-    for module_name, (down, up) in lora_pairs(unet_state).items():
+    pairs = check_lora_pairs({k: tuple(v.shape) for k, v in unet_state.items()}, rank, file)
+    for module_name, (down, up) in pairs.items():
+        try:
+            layer = unet.get_submodule(module_name)
+        except AttributeError:
+            raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' does not exist in this UNet (first "
+                                 f"missing layer; the file's keys are in the style {KEY_STYLES[style]}); the "
+                                 "LoRA was made for another base model (model.name_or_path)") from None
+        layer = getattr(layer, "base_layer", layer)
         for key, is_down in ((down, True), (up, False)):
-            if key is None:
-                raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' has only one of its two LoRA matrices")
             value = unet_state[key]
-            try:
-                layer = unet.get_submodule(module_name)
-            except AttributeError:
-                raise ModelLoadError(f"lora.path: {file}: layer '{module_name}' does not exist in this UNet (first "
-                                     f"missing layer; the file's keys are in the style {KEY_STYLES[style]}); the "
-                                     "LoRA was made for another base model (model.name_or_path)") from None
-            layer = getattr(layer, "base_layer", layer)
             if not isinstance(layer, torch.nn.Linear) or value.ndim != 2:
                 raise ModelLoadError(f"lora.path: {file}: '{key}' does not fit layer '{module_name}' of this UNet; "
                                      "the LoRA was made for another base model")
-            file_rank = value.shape[0] if is_down else value.shape[1]
             features = value.shape[1] if is_down else value.shape[0]
             expected = layer.in_features if is_down else layer.out_features
             if features != expected:
                 raise ModelLoadError(f"lora.path: {file}: '{key}' has shape {tuple(value.shape)} but layer "
                                      f"'{module_name}' has {expected} {'input' if is_down else 'output'} features; "
                                      "the LoRA was made for another base model (model.name_or_path)")
-            if file_rank != rank:
-                raise ModelLoadError(f"lora.path: {file}: LoRA rank {file_rank}, but lora.rank is {rank}; "
-                                     f"set lora.rank={file_rank} or train a new LoRA")
     return unet_state
 
 

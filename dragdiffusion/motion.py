@@ -23,12 +23,15 @@ def bilinear_sample(feat: torch.Tensor, points_rc: torch.Tensor) -> torch.Tensor
     return out[0, :, 0].t().reshape(*shape, c)
 
 
-def patch_coords(center_rc: torch.Tensor, radius: int, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Integer (row, col) of the square patch of ``radius`` around int(center), clipped to the grid: [N, 2]."""
+def patch_coords(center_rc: torch.Tensor, radius: int, grid_hw: tuple[int, int],
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Integer (row, col) of the square patch of ``radius`` around int(center), clipped to the grid: [N, 2], on
+    ``device`` (default: the center's)."""
     h, w = grid_hw
     r0, c0 = int(center_rc[0]), int(center_rc[1])
-    rows = torch.arange(max(0, r0 - radius), min(h, r0 + radius + 1), device=center_rc.device)
-    cols = torch.arange(max(0, c0 - radius), min(w, c0 + radius + 1), device=center_rc.device)
+    device = center_rc.device if device is None else device
+    rows = torch.arange(max(0, r0 - radius), min(h, r0 + radius + 1), device=device)
+    cols = torch.arange(max(0, c0 - radius), min(w, c0 + radius + 1), device=device)
     rr, cc = torch.meshgrid(rows, cols, indexing="ij")
     return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1).float()
 
@@ -63,17 +66,21 @@ def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: 
     at the patch itself, so the gradient pulls the content one step along d = (t - p)/|t - p|.
     ``as_reference``: F[q + d] by ``shifted_patch_as_reference`` (the same values up to rounding, summed in the
     reference's order) where the shifted patch stays inside the grid.
+    The patch positions and the skip decisions are Python numbers: one host copy of the handles and their
+    distances per call, however many handles.
     """
     loss = feat.new_zeros(())
     grid_hw = feat.shape[-2:]
-    for p, t in zip(handles, targets):
-        delta = (t - p).to(feat.dtype)
-        dist = delta.norm()
+    deltas = (targets - handles).to(feat.dtype)
+    dists = deltas.norm(dim=-1)
+    on_host = torch.cat([handles.detach().to(dists.dtype), dists.detach()[:, None]], dim=1).cpu()  # [N, 3]
+    for i, (r, c, dist) in enumerate(on_host.tolist()):
         if dist < min_distance:
             continue
-        d = delta / dist
+        d = deltas[i] / dists[i]
+        p = on_host[i, :2]
         if as_reference:
-            r0, c0 = int(p[0]), int(p[1])
+            r0, c0 = int(r), int(c)
             rows = (max(0, r0 - r_m), min(grid_hw[0], r0 + r_m + 1))
             cols = (max(0, c0 - r_m), min(grid_hw[1], c0 + r_m + 1))
             moved = shifted_patch_as_reference(feat, rows, cols, d)
@@ -81,7 +88,7 @@ def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: 
                 source = feat[:, rows[0]:rows[1], cols[0]:cols[1]].detach()
                 loss = loss + (2 * r_m + 1) ** 2 * F.l1_loss(source, moved)
                 continue
-        q = patch_coords(p, r_m, grid_hw).to(feat.device)
+        q = patch_coords(p, r_m, grid_hw, feat.device)
         source = feat[:, q[:, 0].long(), q[:, 1].long()].t().detach()  # [N, C]
         moved = bilinear_sample(feat, q + d)  # [N, C]
         loss = loss + (2 * r_m + 1) ** 2 * F.l1_loss(source, moved)

@@ -15,10 +15,9 @@ EDIT_OUTPUTS = {"dragged_image.png", "drag_input.png", "drag_paths.png", "trajec
                 "generated_image.png", "lora"}
 # config keys whose change changes an edit's result (resume compares them); the rest (devices, logging, out,
 # paths of LoRAs found per sample) does not
-EDIT_RESULT_KEYS = ("model.name_or_path", "model.vae", "model.single_file_config", "model.dtype", "drag", "lora",
-                    "reference", "seed", "trainer.precision")
-LORA_RESULT_KEYS = ("model.name_or_path", "model.vae", "model.single_file_config", "model.dtype", "lora",
-                    "trainer.precision")
+MODEL_RESULT_KEYS = ("model.name_or_path", "model.vae", "model.single_file_config", "model.dtype", "trainer.precision")
+EDIT_RESULT_KEYS = MODEL_RESULT_KEYS + ("drag", "lora", "reference", "seed")
+LORA_RESULT_KEYS = MODEL_RESULT_KEYS + ("lora",)
 IGNORED = ("lora.path", "lora.save_every")
 
 
