@@ -12,12 +12,16 @@ trainer.devices=N trainer.num_nodes=M split the samples over processes; <out>/su
 Use it in an edit with edit.py lora.path=<out> (a file, a folder, or the dataset folder: each sample finds its
 own). --convert IN OUT writes a LoRA of another key style (the official DragDiffusion code's doubled 'unet.'
 prefix, attention-processor keys) in that format (also: python -m dragdiffusion.lora convert IN OUT).
-Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|tiny, logger=none|csv|tensorboard|wandb,
-trainer=default|cpu|gpu. --print-config shows every key. Main keys (defaults are the published ones):
+Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|sd21|sdxl|tiny|tiny_v|tiny_xl,
+logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag.
+--print-config shows every key.
+Main keys (defaults are the published ones):
+  method=dragdiffusion|gooddrag|dragnoise|freedrag (that method's LoRA settings: 80, 70, 200 or 200 steps)
   lora.rank=16 lora.alpha=16 lora.steps=80 lora.lr=0.0005 lora.batch_size=4 lora.resolution=512 lora.seed=0
   lora.save_every=0 (N: snapshots and resumable checkpoints) ckpt_path=<out>/checkpoints/step-N.ckpt (resume)
   lora.cache_latents=true trainer.precision=32|16-mixed|bf16-mixed trainer.devices=N model.name_or_path=...
-Exit status: 0 done, 1 a sample failed, 2 bad config or input (checked before any model loads),
+Exit status: 0 done, 1 a sample failed, 2 bad config or input (checked before any model loads), 3 a process
+of a multi-device data=DIR run was lost (the summary lists what finished; the same command resumes),
 130 / 143 stopped by Ctrl-C / SIGTERM.
 """
 from __future__ import annotations

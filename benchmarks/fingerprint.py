@@ -6,7 +6,9 @@
   python benchmarks/fingerprint.py --compare before.json
 
 Three runs, each hashed (sha256 of the raw bytes) and summarised: an edit of the demo sample with a trained
-identity LoRA (image, edited latent, handle path, losses), a generated-image edit, and the LoRA weights alone.
+identity LoRA (image, edited latent, handle path, losses), a generated-image edit, and the LoRA weights alone;
+then one short edit per other method (gooddrag, dragnoise, freedrag; no LoRA). ``--compare`` checks the keys of the
+older file only, so a file from before a method existed still compares.
 ``--mask-free`` drops the demo's mask (for comparing across a change of the mask's resizing).
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 COMMON = ["model=tiny", "trainer=cpu", "quiet=true", "lora.steps=3", "lora.resolution=64"]
 SETTINGS = COMMON + ["drag.width=128", "drag.n_pix_step=6", "generation.width=128", "generation.height=96",
                      "generation.steps=10"]
+METHOD_SETTINGS = {"gooddrag": ["gooddrag.track_per_step=2", "gooddrag.drag_end_step=3"],
+                   "dragnoise": ["drag.n_pix_step=6"], "freedrag": ["freedrag.max_step=6"]}
 
 
 def digest(x) -> str:
@@ -67,6 +71,10 @@ def fingerprints(mask_free: bool = False) -> dict:
         weights = load_file(str(file))
         out["lora"] = {k: digest(weights[k]) for k in sorted(weights)[:4]}
         out["lora_all"] = digest([digest(weights[k]) for k in sorted(weights)])
+    for method, keys in METHOD_SETTINGS.items():  # the other methods (no LoRA: their own code paths only)
+        other = DragEditor(load_config(None, SETTINGS + [f"method={method}", "lora.enabled=false", *keys]),
+                           backbone=editor.backbone)
+        out[f"edit_{method}"] = edit_record(other.edit(sample))
     return out
 
 

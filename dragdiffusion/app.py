@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never phone home
 
+import io
 import sys
 import traceback
 from dataclasses import dataclass
@@ -23,13 +24,13 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from .app_jobs import (CONFIG_MODEL, RUNNER, edit_job, generate_job, page_config, save_outputs,
-                       settings_changes)
+from .app_jobs import (CONFIG_MODEL, RUNNER, edit_job, generate_job, method_names, method_settings, model_settings,
+                       page_config, save_outputs, settings_changes)
 from .callbacks import EditCancelled
 from .config import CONFIG_DIR, cli_parser, load_config, to_container, to_yaml
 from .errors import DragError
 from .images import resize_uint8
-from .sample import draw_drag, to_rgb_uint8, working_size
+from .sample import draw_drag, exif_orientation, to_rgb_uint8, upright, working_size
 
 VIEW_SIZE = 400  # the points view enlarges small working images to about this many pixels
 
@@ -114,9 +115,31 @@ class Layout:
     status: gr.Textbox
     generation: list  # seed, guidance, steps, width, height
     generate: gr.Button
-    settings: list  # model, width, seed, LoRA on, LoRA steps, drag iterations, lam, strength, lr, blocks
+    settings: list  # model, width, seed, LoRA on, LoRA steps, drag iterations, lam, strength, lr, blocks, method
     session: gr.State  # {"original", "display", "view", "generated", "generation"}
     points: gr.State  # [[x, y], ...] alternating handle, target, in pixels of the original image
+
+
+class UprightImageEditor(gr.ImageEditor):
+    """``gr.ImageEditor`` whose images reach the app as viewers show them: a phone photo's EXIF orientation is
+    applied (gradio's editor passes the stored pixels on), so the mask, the clicked points and the result are in
+    the orientation the user sees. The page is gradio's own image editor."""
+
+    def get_block_name(self) -> str:
+        return "imageeditor"
+
+    def convert_and_format_image(self, file, flatten_on_white: bool = False):
+        if file is not None:
+            path = getattr(file, "path", None)
+            try:
+                with Image.open(path if path else io.BytesIO(file)) as img:
+                    if exif_orientation(img) != 1:
+                        buf = io.BytesIO()
+                        upright(img, close=False).save(buf, format="PNG")
+                        file = buf.getvalue()  # upright pixels, no tag
+            except (OSError, ValueError, TypeError):
+                pass  # gradio's own reading reports it
+        return super().convert_and_format_image(file, flatten_on_white)
 
 
 def build_layout(base: DictConfig) -> Layout:
@@ -128,7 +151,7 @@ def build_layout(base: DictConfig) -> Layout:
                 "sample=DIR` runs it again.")
     session, points = gr.State({}), gr.State([])
     with gr.Row(equal_height=True):
-        canvas = gr.ImageEditor(
+        canvas = UprightImageEditor(
             label="1. Image - paint the editable region", type="numpy", image_mode="RGBA",
             sources=("upload", "clipboard"), transforms=(), layers=False, height=420, format="png",
             elem_id="mask_editor", brush=gr.Brush(colors=[("#ffffff", 0.6)], color_mode="fixed", default_size=12),
@@ -174,9 +197,13 @@ def build_layout(base: DictConfig) -> Layout:
             strength = gr.Slider(0.05, 1.0, value=float(d.inversion_strength), step=0.05, label="Inversion strength")
             lr = gr.Number(label="Latent lr", value=float(d.lr))
             blocks = gr.CheckboxGroup([0, 1, 2, 3], value=list(d.feature_blocks), label="Feature up_blocks")
+        with gr.Row():
+            method = gr.Dropdown(method_names(), value=str(base.method), elem_id="method",
+                                 label="Drag method (its published defaults fill the fields above)")
     return Layout(canvas, points_view, undo, clear_points, result_view, result_file, replay_file, prompt, run,
                   cancel, status, generation, generate,
-                  [model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks], session, points)
+                  [model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, method], session,
+                  points)
 
 
 # ----------------------------------------------------------------------------------------------- events
@@ -189,11 +216,23 @@ class AppEvents:
         self.overrides = list(overrides)
 
     def config(self, settings, extra: dict | None = None) -> DictConfig:
-        model, *rest = settings
+        model, *rest, method = settings
         changes = settings_changes(*rest)
         for key, value in (extra or {}).items():
             changes[key] = {**changes[key], **value} if isinstance(value, dict) and key in changes else value
-        return page_config(self.config_path, self.overrides, model, changes)
+        return page_config(self.config_path, self.overrides, model, changes, method)
+
+    def model_chosen(self, model):
+        """A model preset picked: its backbone's working width and feature blocks into the Settings fields (the
+        reference-control layers come from the preset itself)."""
+        v = model_settings(self.config_path, self.overrides, model)
+        return v["width"], v["blocks"]
+
+    def method_chosen(self, method):
+        """A method picked: its preset's values into the Settings fields (LoRA steps, iterations, lam, strength,
+        lr)."""
+        v = method_settings(self.config_path, self.overrides, method)
+        return v["lora_steps"], v["n_pix_step"], v["lam"], v["strength"], v["lr"]
 
     # ---------------------------------------------------------------- image and points
     def upload(self, value, sess, width):
@@ -246,7 +285,7 @@ class AppEvents:
 
     # ---------------------------------------------------------------- device jobs
     def run(self, value, sess, pts, prompt, model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength,
-            lr, blocks, request: gr.Request):
+            lr, blocks, method, request: gr.Request):
         """Run: (status, points view, result, result file, replay zip) as the job goes."""
         keep = (gr.update(),) * 4
 
@@ -267,7 +306,7 @@ class AppEvents:
                       "(or undo it)", True)
             return
         generated = sess.get("generated")
-        settings = (model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks)
+        settings = (model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, method)
         try:
             if generated is not None:  # the generation's model and schedule, the page's drag settings
                 gen = sess["generation"]
@@ -289,7 +328,7 @@ class AppEvents:
             gr.Warning("No mask painted: the whole image may change (the mask term is off).")
         mask_shown = mask_disp if has_mask else None
         stages = [] if generated is not None or not cfg.lora.enabled else [f"LoRA ({cfg.lora.steps} steps)"]
-        stages += ["drag" if generated is not None else "inversion, drag", "denoising"]
+        stages += [f"{cfg.method} drag" if generated is not None else f"inversion, {cfg.method} drag", "denoising"]
         yield ("running: " + ", ".join(stages),) + keep
         try:
             jobs = RUNNER.run(job, request.session_hash if request else "local")
@@ -314,16 +353,18 @@ class AppEvents:
         t = result.trajectory
         dist = ", ".join(f"{v:.1f}" for v in t["final_distance_px"])
         stop = f"stopped early at iteration {t['stop_step']}" if t["stopped_early"] else "ran every iteration"
-        done = (f"done: {t['iterations']} drag iterations ({stop}), final distance (px): {dist}; result "
+        steps = f" at {len(t['drag_timesteps'])} timesteps" if len(t.get("drag_timesteps", [])) > 1 else ""
+        done = (f"done ({cfg.method}): {t['iterations']} drag iterations{steps} ({stop}), final distance (px): "
+                f"{dist}; result "
                 f"{result.image.shape[1]}x{result.image.shape[0]}{no_mask}")
         last = [list(p) for p in t["handles"][-1]] if t["handles"] else None
         yield done, self.redraw(sess, pts, last, mask_shown), result.image, str(png), str(archive)
 
     def generate(self, prompt, seed, guidance, steps, gen_width, gen_height, model, width, run_seed, lora_on,
-                 lora_steps, n_pix_step, lam, strength, lr, blocks, request: gr.Request):
+                 lora_steps, n_pix_step, lam, strength, lr, blocks, method, request: gr.Request):
         """Generate: (status, canvas, session, points, points view)."""
         keep = (gr.update(),) * 4
-        settings = (model, width, run_seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks)
+        settings = (model, width, run_seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, method)
         try:
             generation = {"seed": int(seed), "guidance_scale": float(guidance), "steps": int(steps),
                           "width": int(gen_width), "height": int(gen_height)}
@@ -380,6 +421,8 @@ def wire_events(ui: Layout, events: AppEvents) -> None:
     generate = ui.generate.click(events.generate, [ui.prompt] + ui.generation + ui.settings,
                                  [ui.status, ui.canvas, ui.session, ui.points, ui.points_view], **device)
     ui.cancel.click(events.cancel, None, ui.status, cancels=[run, generate], **live)
+    ui.settings[-1].change(events.method_chosen, [ui.settings[-1]], [ui.settings[i] for i in (4, 5, 6, 7, 8)], **live)
+    ui.settings[0].change(events.model_chosen, [ui.settings[0]], [ui.settings[1], ui.settings[9]], **live)
 
 
 def build_app(config_path=None, overrides=()) -> gr.Blocks:

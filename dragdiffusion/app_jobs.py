@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import ProgressReporter
-from .config import load_config, to_yaml, validate_config
+from .config import MethodName, load_config, to_yaml, validate_config
 from .editor import DragEditor, EditResult
 from .errors import ConfigError
 from .generated import GeneratedImage
@@ -47,9 +47,29 @@ def settings_changes(width, seed, lora_on, lora_steps, n_pix_step, lam, strength
         raise ConfigError("settings: every field needs a number (one is empty)") from None
 
 
-def page_config(base_path, base_overrides, model: str | None, changes: dict) -> DictConfig:
-    """The launch config + a model preset + the page's changes (validated; errors name the key)."""
+def method_names() -> list[str]:
+    return sorted(m.value for m in MethodName)
+
+
+def method_settings(base_path, base_overrides, method: str) -> dict:
+    """The page's Settings fields that a method preset sets, with that method's values."""
+    cfg = load_config(base_path, list(base_overrides) + [f"method={method}"])
+    return {"lora_steps": int(cfg.lora.steps), "n_pix_step": int(cfg.drag.n_pix_step), "lam": float(cfg.drag.lam),
+            "strength": float(cfg.drag.inversion_strength), "lr": float(cfg.drag.lr)}
+
+
+def model_settings(base_path, base_overrides, model: str) -> dict:
+    """The page's Settings fields that a model preset sets (its backbone's working width and feature blocks; SDXL:
+    1024 and [1]), with that preset's values (the launch config's for CONFIG_MODEL)."""
+    cfg = load_config(base_path, list(base_overrides) + ([f"model={model}"] if model and model != CONFIG_MODEL else []))
+    return {"width": int(cfg.drag.width), "blocks": sorted(int(b) for b in cfg.drag.feature_blocks)}
+
+
+def page_config(base_path, base_overrides, model: str | None, changes: dict, method: str | None = None) -> DictConfig:
+    """The launch config + a model preset + a method preset + the page's changes (validated; errors name the
+    key)."""
     overrides = list(base_overrides) + ([f"model={model}"] if model and model != CONFIG_MODEL else [])
+    overrides += [f"method={method}"] if method else []
     cfg = load_config(base_path, overrides)
     try:
         cfg = OmegaConf.merge(cfg, changes)

@@ -22,6 +22,8 @@ How it runs:
   summary lists what finished (exit status 130 / 143).
 - A failing sample (bad data, non-finite loss, out of memory) is recorded and the run goes on; the exit
   status is 1 when any sample failed.
+- A process that dies: every process records its rows on disk as it goes (``peers.RowLog``); the survivors
+  finish their own samples, write the summary from all rows on disk and end with ``PeerLost`` (exit status 3).
 
 One sample per ``predict_step`` (batch size 1): samples have different sizes and drag iterations, so a
 shared forward pass over several samples is not done.
@@ -32,8 +34,11 @@ import csv
 import io
 import json
 import math
+import os
+import signal
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -46,13 +51,14 @@ from omegaconf import DictConfig, OmegaConf
 from .backbone import load_backbone
 from .data.datamodule import DragDataModule
 from .data.validate import check_dataset, format_report
-from .errors import ConfigError, DragError, Interrupted, UnsafePickleError
+from .errors import ConfigError, DragError, Interrupted, PeerLost, UnsafePickleError
 from .io import save_json, save_text
 from .loggers import close_logger, edit_media, log_batch_results, make_logger
 from .editor import DragEditor
 from .lora import WEIGHT_NAME as LORA_WEIGHTS
 from .lora import train_lora_for_sample
 from .outputs import EDIT_RESULT_KEYS, LORA_RESULT_KEYS, changed_settings, check_writable, saved_config
+from .peers import RowLog, is_peer_loss, read_logs, wait_for_peers, watch_processes
 from .policy import DevicePolicy, distributed_trainer
 from .sample import ReadLimits
 from .signals import deferred_signals
@@ -129,6 +135,7 @@ class Job:
         self.policy: DevicePolicy | None = None
         self.redo: set[str] = set()
         self.rows: list[dict] = []  # this process's finished samples
+        self.log: RowLog | None = None  # the same rows on disk (<out>/.rows/rank-<r>.json), set up by BatchModule
 
     def finished(self, name: str) -> bool:
         raise NotImplementedError
@@ -235,6 +242,12 @@ class BatchModule(L.LightningModule):
         # fewer samples left than processes (a resumed run): a process with none just waits for the others
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
+    def setup(self, stage: str) -> None:
+        """Every process (also one with no sample to do) gets rank 0's run id and starts its row file."""
+        run = self.trainer.strategy.broadcast(uuid.uuid4().hex if self.global_rank == 0 else None, src=0)
+        pending = [n for n, _ in getattr(self.trainer.datamodule, "pending", [])]
+        self.job.log = RowLog(self.job.out_root, self.global_rank, self.trainer.world_size, run, pending)
+
     def on_predict_start(self) -> None:
         self.job.setup(self.device)
 
@@ -246,7 +259,17 @@ class BatchModule(L.LightningModule):
                   + (f" ({r['error']})" if r["error"] else "") + f" in {r['seconds']:.1f} s", flush=True)
             rows.append(r)
         self.job.rows += rows  # what this process finished, also when the run is stopped by a signal
+        if self.job.log is not None:
+            self.job.log.add(rows)  # and on disk, for a process that dies
+        die_for_test(self.global_rank, len(self.job.rows))
         return rows
+
+
+def die_for_test(rank: int, finished: int) -> None:
+    """Tests only: ``DRAGDIFFUSION_TEST_DIE_AFTER=RANK:COUNT`` SIGKILLs process RANK once it finished COUNT samples."""
+    spec = os.environ.get("DRAGDIFFUSION_TEST_DIE_AFTER")
+    if spec and spec.split(":") == [str(rank), str(finished)]:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -258,10 +281,11 @@ def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
     (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's); it is a
     TQDM bar because the per-sample drag Trainers draw Rich bars inside it, and two Rich bars cannot nest."""
     progress = bool(trainer_cfg.enable_progress_bar) and not quiet
-    return distributed_trainer(trainer_cfg, precision="32", quiet=quiet, inference_mode=False,
-                               use_distributed_sampler=False,  # DragDataModule shards unpadded: each sample once
-                               logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-                               callbacks=[TQDMProgressBar()] if progress else [])
+    return watch_processes(distributed_trainer(  # a process that dies is reported by the others (peers.py)
+        trainer_cfg, precision="32", quiet=quiet, inference_mode=False,
+        use_distributed_sampler=False,  # DragDataModule shards unpadded: each sample once
+        logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+        callbacks=[TQDMProgressBar()] if progress else []))
 
 
 def gather_rows(rows: list[dict]) -> list[dict]:
@@ -304,6 +328,8 @@ def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float
     rows.sort(key=lambda r: r["sample"])
     out = Path(cfg.out)
     info = {"data": str(cfg.data), "out": str(out), "world_size": world_size, "seconds": round(seconds, 3)}
+    if "method" in cfg:  # edits (a LoRA-only batch has no method)
+        info["method"] = str(cfg.method)
     if interrupted is not None:
         info["interrupted_by_signal"] = interrupted
     write_summary(out, rows, info)
@@ -337,20 +363,42 @@ def run_dataset(cfg: DictConfig, job: Job) -> int:
     trainer = make_batch_trainer(cfg.trainer, bool(cfg.quiet))
     datamodule = DragDataModule([(c.name, c.path) for c in checks if c.ok], job.is_done,
                                 limits=ReadLimits.from_config(cfg))
-    job.rows = []
+    job.rows, job.log = [], None
     try:
         with warnings.catch_warnings():  # nothing left to do / one sample per step are expected here
             warnings.filterwarnings("ignore", ".*(Total length of `DataLoader` across ranks is zero|does not have "
                                               "many workers).*")
             predictions = trainer.predict(BatchModule(job), datamodule=datamodule) or []
     except Interrupted as stop:
-        if trainer.is_global_zero:  # this process's finished samples (another process's are in their folders)
-            summarize(cfg, job.rows + invalid + [job.finished_row(n) for n in datamodule.skipped],
+        if trainer.is_global_zero:  # the finished samples of every process (their row files)
+            logs = read_logs(job.out_root, job.log.run) if job.log is not None else {}
+            logs[trainer.global_rank] = {"rows": job.rows}
+            summarize(cfg, [r for rank in sorted(logs) for r in logs[rank]["rows"]] + invalid
+                      + [job.finished_row(n) for n in datamodule.skipped],
                       trainer.world_size, time.perf_counter() - tic, stop.signum)
         close_logger(logger, failed=True)
         raise
-    rows = gather_rows([r for batch in predictions for r in batch]) + invalid
-    media = {k: v for part in gather_rows([getattr(job, "media", {})]) for k, v in part.items()}
+    except RuntimeError as exc:  # a collective of the start failed: a process died before any sample
+        if trainer.world_size == 1 or job.log is None or not is_peer_loss(exc):
+            raise
+        peers_lost(cfg, job, trainer, invalid, datamodule.skipped, [], f"({str(exc).splitlines()[0][:80]})", tic,
+                   logger)
+    lost, why = [], ""
+    if trainer.world_size > 1 and job.log is not None:
+        job.log.finish()  # this process's share is done; wait for the others' before the gather (peers.py)
+        lost, why = wait_for_peers(job.log, float(cfg.trainer.timeout_s))
+    try:
+        if lost:
+            raise PeerLost(why)
+        rows = gather_rows([r for batch in predictions for r in batch]) + invalid
+        media = {k: v for part in gather_rows([getattr(job, "media", {})]) for k, v in part.items()}
+    except (PeerLost, RuntimeError) as exc:  # a process died (or died between its last sample and the gather)
+        if not isinstance(exc, PeerLost) and not is_peer_loss(exc):
+            raise
+        peers_lost(cfg, job, trainer, invalid, datamodule.skipped, lost,
+                   why or f"({str(exc).splitlines()[0][:80]})", tic, logger)
+    if job.log is not None:
+        job.log.remove()  # the summary lists the rows now
     if trainer.is_global_zero:
         for name in datamodule.skipped:
             say(f"{name}: skipped (finished before)")
@@ -359,6 +407,34 @@ def run_dataset(cfg: DictConfig, job: Job) -> int:
         log_batch_results(logger, rows, media)  # every rank's samples, gathered above
     close_logger(logger)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def peers_lost(cfg: DictConfig, job: Job, trainer, invalid: list[dict], skipped: list[str], lost: list[int],
+               why: str, tic: float, logger) -> None:
+    """A process of the job is gone: the first surviving process writes the summary from every process's rows on
+    disk (``<out>/.rows``), each survivor says so in one sentence, and the run ends with exit status 3."""
+    logs = read_logs(job.out_root, job.log.run)
+    logs[job.log.rank] = {"rows": job.log.rows, "done": True}
+    rows = [r for rank in sorted(logs) for r in logs[rank]["rows"]]
+    finished = {r["sample"] for r in rows}
+    not_finished = sorted(n for n in job.log.pending if n not in finished)
+    lost = lost or sorted(r for r in range(trainer.world_size) if not logs.get(r, {}).get("done"))
+    out = Path(cfg.out)
+    survivors = [r for r in range(trainer.world_size) if r not in lost]
+    if not survivors or job.log.rank == survivors[0]:
+        rows = rows + invalid + [job.finished_row(n) for n in skipped]
+        rows.sort(key=lambda r: r["sample"])
+        info = {"data": str(cfg.data), "out": str(out), "world_size": trainer.world_size,
+                "seconds": round(time.perf_counter() - tic, 3)}
+        if "method" in cfg:
+            info["method"] = str(cfg.method)
+        write_summary(out, rows, {**info, "lost_ranks": lost, "lost_reason": why, "not_finished": not_finished})
+    close_logger(logger, failed=True)
+    who = (f"process rank {', '.join(map(str, lost))}" if lost else "a process") + " of this batch was lost"
+    done, failed = (sum(r["status"] == s and r["sample"] in finished for r in rows) for s in ("ok", "failed"))
+    raise PeerLost(f"{who} {why}: {done} sample(s) done, {failed} failed, {len(skipped)} finished before and "
+                   f"{len(not_finished)} not run (summary: {out / 'summary.csv'}); run the same command again to "
+                   "resume")
 
 
 def run_batch(cfg: DictConfig) -> int:

@@ -36,15 +36,20 @@ class PointTracking(DragCallback):
 
 class MaskRegularization(DragCallback):
     """Adds ``mask_loss`` = lam * sum |x_prev - x0_prev| * (1 - M) outside the editable mask (x_prev: the DDIM step
-    of the current latent, x0_prev: of the original one); off for an empty mask or lam = 0."""
+    of the current latent, x0_prev: of the original one); off for an empty mask or lam = 0.
 
-    def __init__(self, lam: float = 0.1):
+    ``x0_prev``: the reference DDIM output when it is known beforehand (GoodDrag: the undragged trajectory's at
+    this timestep); by default it is the DDIM step of the original latent, taken at the first iteration."""
+
+    def __init__(self, lam: float = 0.1, x0_prev: torch.Tensor | None = None, reduction: str = "sum"):
         self.lam = lam
-        self.x0_prev: torch.Tensor | None = None
+        self.reduction = reduction
+        self.given_x0_prev = x0_prev
+        self.x0_prev: torch.Tensor | None = x0_prev
         self.active: bool | None = None
 
     def on_train_start(self, trainer, pl_module):
-        self.x0_prev, self.active = None, None
+        self.x0_prev, self.active = self.given_x0_prev, None
 
     def needs_eps(self, module: DragEditModule) -> bool:
         if self.active is None:  # once per fit: the mask does not change
@@ -57,7 +62,59 @@ class MaskRegularization(DragCallback):
             return {}
         if self.x0_prev is None:  # the first iteration: z is still the original latent
             self.x0_prev = module.x_prev(module.z_t_original, step.eps.detach())
-        return {"mask_loss": mask_loss(module.x_prev(step.z, step.eps), self.x0_prev, module.mask_latent, self.lam)}
+        return {"mask_loss": mask_loss(module.x_prev(step.z, step.eps), self.x0_prev, module.mask_latent, self.lam,
+                                       self.reduction)}
+
+
+class DragStopState:
+    """What a multi-timestep drag carries from one drag step to the next: the no-change counter and the stop."""
+
+    def __init__(self):
+        self.no_change = 0
+        self.stopped: str | None = None  # None while dragging; "reached" or "no_change" once stopped for good
+
+
+class GoodDragTracking(DragCallback):
+    """GoodDrag's point tracking and stop rules inside one drag step (one fit at one timestep).
+
+    Tracks at the step's first forward and after every ``track_every``-th optimizer step (with the features of
+    the forward just before that update), by nearest-feature search in a window of radius ``r_p`` (clipped to the
+    grid) against ``feat0`` (the UNDRAGGED features at this timestep) at each handle's ORIGINAL position. A round
+    after an update in which no handle moved counts toward ``max_no_change``; a move resets the count; the count
+    carries over between drag steps (``state``). Dragging stops for good, before the update, when every handle is
+    within ``stop_distance`` of its target or the count reached ``max_no_change``."""
+
+    def __init__(self, feat0: torch.Tensor, state: DragStopState, r_p: int = 12, stop_distance: float = 2.0,
+                 track_every: int = 3, max_no_change: int = 5):
+        self.feat0 = feat0
+        self.state = state
+        self.r_p, self.stop_distance = int(r_p), float(stop_distance)
+        self.track_every, self.max_no_change = int(track_every), int(max_no_change)
+        self.last_features: torch.Tensor | None = None
+
+    def track(self, module: DragEditModule, step: DragStep) -> torch.Tensor | None:
+        self.last_features = step.features.detach()
+        if step.index == 0:
+            return track_points(self.feat0, step.features, module.handles_init, step.handles, self.r_p)
+        return None
+
+    def reached(self, module: DragEditModule, step: DragStep) -> bool:
+        if all_reached(module.handles, module.targets, self.stop_distance):
+            self.state.stopped = "reached"
+        elif self.state.no_change >= self.max_no_change:
+            self.state.stopped = "no_change"
+        return self.state.stopped is not None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        updates = pl_module.global_step  # optimizer steps taken in this fit
+        if self.last_features is None or updates == 0 or updates % self.track_every or pl_module.reached:
+            return
+        moved = track_points(self.feat0, self.last_features, pl_module.handles_init, pl_module.handles, self.r_p)
+        if bool((moved != pl_module.handles).any()):  # one host copy every track_every steps
+            self.state.no_change = 0
+        else:
+            self.state.no_change += 1
+        pl_module.handles.copy_(moved)
 
 
 class EditCancelled(DragError):

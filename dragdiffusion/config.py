@@ -23,6 +23,9 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "logger", "trainer")
+MODEL_GROUP = "model"  # a model preset may also set per-backbone defaults of these sections (configs/model/*.yaml)
+MODEL_PRESET_SECTIONS = ("drag", "reference", "lora", "generation")
+METHOD_GROUP = "method"  # a method preset sets keys of several sections (configs/method/*.yaml)
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 PRECISION_ALIASES = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
 PRECISION_EXPECTED = "one of 32, 16-mixed, bf16-mixed (32-true, 16 and bf16 are accepted as aliases)"
@@ -51,6 +54,14 @@ class Choice(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
+
+
+class MethodName(Choice):
+    """The drag method (``method=``): each has a preset with its published defaults in configs/method/."""
+    dragdiffusion = "dragdiffusion"
+    gooddrag = "gooddrag"
+    dragnoise = "dragnoise"
+    freedrag = "freedrag"
 
 
 class WeightDtype(Choice):
@@ -112,6 +123,9 @@ class ModelConfig:
     tiny_dir: Optional[str] = None  # where the tiny model is written (default: ~/.cache/dragdiffusion)
     channels_last: bool = False  # the UNet in channels_last memory layout (faster convolutions on some GPUs)
     compile: bool = False  # torch.compile of the UNet's transformer blocks (a one-time warm-up; eager on failure)
+    # recompute the UNet's activations in the backward of the drag and the LoRA stage (lora.gradient_checkpointing
+    # is the LoRA stage's alone): far less memory (SDXL at 1024 px), about one more UNet forward per step
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -183,6 +197,56 @@ class DragConfig:
 
 
 @dataclass
+class GoodDragConfig:
+    """GoodDrag's alternating drag and denoise (``method=gooddrag``; its other values are drag.* keys set by the
+    preset: lr 0.02, r_m = r1 = 4, r_p = r2 = 12, inversion_strength 0.75)."""
+    drag_end_step: int = 7  # the latent is optimized at each of the first N denoising steps
+    track_per_step: int = 10  # tracking rounds per drag step
+    max_drag_per_track: int = 3  # optimizer steps between two tracking rounds
+    max_track_no_change: int = 5  # stop dragging after this many rounds in which no handle moved
+    beta: float = 4.0  # the predicted patch sits min(beta, |target - handle|) cells toward the target
+
+    def __post_init__(self):
+        check(self.drag_end_step >= 1, "gooddrag.drag_end_step", self.drag_end_step, "a positive integer")
+        check(self.track_per_step >= 1, "gooddrag.track_per_step", self.track_per_step, "a positive integer")
+        check(self.max_drag_per_track >= 1, "gooddrag.max_drag_per_track", self.max_drag_per_track,
+              "a positive integer")
+        check(self.max_track_no_change >= 1, "gooddrag.max_track_no_change", self.max_track_no_change,
+              "a positive integer")
+        check(self.beta > 0, "gooddrag.beta", self.beta, "a positive number of grid cells")
+
+
+@dataclass
+class DragNoiseConfig:
+    """DragNoise (``method=dragnoise``): the UNet bottleneck is optimized and then propagated."""
+    end_step: int = 0  # the last N denoising steps use the UNet's own bottleneck (0: the optimized one throughout)
+
+    def __post_init__(self):
+        check(self.end_step >= 0, "dragnoise.end_step", self.end_step, "a non-negative number of steps")
+
+
+@dataclass
+class FreeDragConfig:
+    """FreeDrag (``method=freedrag``): feature templates, line search along the drag, no point tracking."""
+    win_r: int = 4  # template window radius (a 9 x 9 window of offsets)
+    l_expected: float = 1.0  # l: the expected template distance of a good move
+    threshold_d: float = 2.0  # a point is done within this many grid cells of its target (and loss_end <= l / 2)
+    d_max: float = 5.0  # the longest move (grid cells)
+    candidates: int = 10  # line-search candidates per move
+    steps_per_move: int = 5  # Adam steps per move at most
+    max_step: int = 300  # Adam steps in all at most
+
+    def __post_init__(self):
+        check(self.win_r >= 0, "freedrag.win_r", self.win_r, "a non-negative radius")
+        check(self.l_expected > 0, "freedrag.l_expected", self.l_expected, "a positive number")
+        check(self.threshold_d > 0, "freedrag.threshold_d", self.threshold_d, "a positive number of grid cells")
+        check(self.d_max > 0, "freedrag.d_max", self.d_max, "a positive number of grid cells")
+        check(self.candidates >= 1, "freedrag.candidates", self.candidates, "a positive integer")
+        check(self.steps_per_move >= 1, "freedrag.steps_per_move", self.steps_per_move, "a positive integer")
+        check(self.max_step >= 1, "freedrag.max_step", self.max_step, "a positive integer")
+
+
+@dataclass
 class ReferenceControlConfig:
     enabled: bool = True
     layers: list[str] = field(default_factory=lambda: ["up_blocks.2", "up_blocks.3"])  # prefixes of attn1 names
@@ -202,9 +266,13 @@ class TrainerConfig:
     precision: str = "32"  # 32 | 16-mixed | bf16-mixed (dragdiffusion.policy: one policy for every stage)
     enable_progress_bar: bool = True
     log_every_n_steps: int = 1
+    # DDP: the process-group timeout, and how long a batch's processes wait for a peer that finishes no sample
+    # before counting it lost (exit status 3); longer than the slowest sample's edit (README: Batch editing)
+    timeout_s: float = 300.0
 
     def __post_init__(self):
         normalize_precision(self.precision)
+        check(self.timeout_s > 0, "trainer.timeout_s", self.timeout_s, "a positive number of seconds")
         check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", self.accelerator,
               "auto, cpu, gpu or cuda")
         check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "a positive integer")
@@ -270,9 +338,13 @@ class LimitsConfig:
 
 @dataclass
 class EditConfig:
+    method: MethodName = MethodName.dragdiffusion  # the drag method; method=NAME also takes its preset
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     drag: DragConfig = field(default_factory=DragConfig)
+    gooddrag: GoodDragConfig = field(default_factory=GoodDragConfig)
+    dragnoise: DragNoiseConfig = field(default_factory=DragNoiseConfig)
+    freedrag: FreeDragConfig = field(default_factory=FreeDragConfig)
     reference: ReferenceControlConfig = field(default_factory=ReferenceControlConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -292,16 +364,23 @@ class EditConfig:
     lora_dir: Optional[str] = None  # data=DIR with lora.enabled: reuse <lora_dir>/<sample>/pytorch_lora_weights.safetensors
     seed: int = 42
     quiet: bool = False
+    methods: list[str] = field(default_factory=list)  # data=DIR: run the batch once per method, into <out>/<method>/
     evaluate: bool = False  # after a data=DIR batch run, evaluate the results (DragBench MD / IF)
     evaluate_overrides: list[str] = field(default_factory=list)  # key=value items for the evaluation's config
 
     def __post_init__(self):
         check(not self.evaluate or bool(self.data), "evaluate", self.evaluate,
               "evaluate=true only with a batch run: data=DIR")
+        names = [m.value for m in MethodName]
+        check(all(str(m) in names for m in self.methods) and len(set(self.methods)) == len(self.methods), "methods",
+              list(self.methods), f"a list of distinct method names from {names}")
+        check(not self.methods or bool(self.data), "methods", list(self.methods),
+              "methods=[...] only with a batch run: data=DIR (one edit takes method=NAME)")
 
 
 @dataclass
 class LoraTrainConfig:
+    method: MethodName = MethodName.dragdiffusion  # method=NAME takes that method's LoRA settings (lora.steps ...)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -327,6 +406,8 @@ class MeanDistanceConfig:
     normalize: Normalize = Normalize.none  # none | diagonal (distance / image diagonal)
     seed: int = 0  # mixed with each sample's name: the noise of a sample never depends on order or devices
     chunk_rows: int = 64  # image rows matched at once (memory bound only; results do not depend on it)
+    enabled: bool = True  # false: no DIFT model is loaded, no MD / m-MD (DAI and IF still run)
+    masked: bool = True  # also m-MD (matches searched inside the mask) from the same features: one more argmax
 
     def __post_init__(self):
         check(0 <= self.t <= 999, "mean_distance.t", self.t, "a timestep in 0..999")
@@ -349,14 +430,28 @@ class ImageFidelityConfig:
 
 
 @dataclass
+class DaiConfig:
+    """Drag Accuracy Index (GoodDrag's Drag100 metric): source patch at the handle vs edited patch at the target."""
+    enabled: bool = True  # pure pixel math: needs no model
+    gammas: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # patch radii, each reported
+    reference_compat: bool = False  # GoodDrag's script: / n_pairs twice, its border cut (README: Evaluation)
+
+    def __post_init__(self):
+        gammas = list(self.gammas)
+        check(bool(gammas) and all(int(g) == g and g >= 0 for g in gammas) and len(set(gammas)) == len(gammas),
+              "dai.gammas", gammas, "a non-empty list of distinct patch radii >= 0, e.g. [1,5,10,20]")
+
+
+@dataclass
 class EvaluateConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="stabilityai/stable-diffusion-2-1"))
     mean_distance: MeanDistanceConfig = field(default_factory=MeanDistanceConfig)
     image_fidelity: ImageFidelityConfig = field(default_factory=ImageFidelityConfig)
+    dai: DaiConfig = field(default_factory=DaiConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     results: Optional[str] = None  # results folder laid out as the data: <category>/<sample>/<result_name>
-    data: Optional[str] = None  # the dataset (DragBench layout or ours)
+    data: Optional[str] = None  # the dataset (DragBench layout, ours, Drag100's, or a mix)
     result_name: str = "dragged_image.png"
     resize_mismatched: bool = False  # resize an edited image of another size to the source's (else reported)
     out: Optional[str] = None  # where the tables go (default: the results folder)
@@ -385,7 +480,66 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def _select_preset(cfg: DictConfig, base: DictConfig, group: str, name: str) -> DictConfig:
     """Like a Hydra group choice: the section starts again from its defaults, then takes the preset."""
+    if group == MODEL_GROUP:
+        return _select_model(cfg, base, name)
     cfg[group] = OmegaConf.merge(base[group], OmegaConf.load(preset_file(group, name)))
+    return cfg
+
+
+def _model_preset_parts(file: Path, base: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """(the ``model.*`` keys, the per-backbone defaults of other sections as dotted keys) of a model preset: a
+    top-level key that names another section of the config (``drag``, ``reference``, ``lora``, ``generation``) is a
+    per-backbone default; every other key is a ``model.*`` key."""
+    raw = OmegaConf.load(file)
+    others = [k for k in raw if k not in base[MODEL_GROUP] and isinstance(raw[k], DictConfig) and k in
+              MODEL_PRESET_SECTIONS]
+    model = OmegaConf.create({k: raw[k] for k in raw if k not in others})
+    items = {}
+    for section in others:
+        for key in leaf_keys(raw[section], section + "."):
+            items[key] = OmegaConf.select(raw, key)
+    return model, items
+
+
+def _select_model(cfg: DictConfig, base: DictConfig, name: str) -> DictConfig:
+    """``model=NAME``: the ``model`` section starts again from its defaults and takes the preset's ``model.*``
+    keys; the preset's per-backbone defaults of other sections (working width, feature blocks, reference-control
+    layers ...) work like a method preset's: every such key that any model preset sets starts again from its
+    default, then takes this preset's value. Keys a schema lacks (evaluate has no drag section) are skipped; a
+    ``key=value`` override still wins."""
+    model, own = _model_preset_parts(preset_file(MODEL_GROUP, name), base)
+    known = set(leaf_keys(base))
+    for other in sorted((CONFIG_DIR / MODEL_GROUP).glob("*.yaml")):
+        for key in _model_preset_parts(other, base)[1]:
+            if key in known:
+                OmegaConf.update(cfg, key, OmegaConf.select(base, key), merge=False)
+    for key, value in own.items():
+        if key in known:
+            OmegaConf.update(cfg, key, value, merge=False)
+    cfg[MODEL_GROUP] = OmegaConf.merge(base[MODEL_GROUP], model)
+    return cfg
+
+
+def _preset_items(file: Path) -> dict[str, Any]:
+    """A preset file's leaf keys (dotted) and values."""
+    raw = OmegaConf.load(file)
+    return {k: OmegaConf.select(raw, k) for k in leaf_keys(raw)} if raw else {}
+
+
+def _select_method(cfg: DictConfig, base: DictConfig, name: str) -> DictConfig:
+    """``method=NAME``: a method preset (configs/method/NAME.yaml) sets keys of several sections (lora.steps,
+    drag.lr ...). Like a group choice it starts again from the defaults, here of every key that any method preset
+    sets, then takes its own values; keys a schema lacks (train.py has no drag section) are skipped."""
+    own = _preset_items(preset_file(METHOD_GROUP, name))
+    known = set(leaf_keys(base))
+    for other in sorted((CONFIG_DIR / METHOD_GROUP).glob("*.yaml")):
+        for key in _preset_items(other):
+            if key in known:
+                OmegaConf.update(cfg, key, OmegaConf.select(base, key), merge=False)
+    for key, value in own.items():
+        if key in known:
+            OmegaConf.update(cfg, key, value, merge=False)
+    cfg[METHOD_GROUP] = MethodName(name)
     return cfg
 
 
@@ -415,7 +569,8 @@ def _omegaconf_message(exc: OmegaConfBaseException, schema=EditConfig) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=EditConfig) -> DictConfig:
     """The dataclass defaults, then the YAML file at ``path``, then the ``key=value`` overrides; validated.
 
-    ``model=NAME`` / ``logger=NAME`` / ``trainer=NAME`` (in the file or on the command line) select presets."""
+    ``model=NAME`` / ``logger=NAME`` / ``trainer=NAME`` (in the file or on the command line) select presets;
+    ``method=NAME`` selects a drag method and its published defaults (``_select_method``)."""
     overrides = list(overrides or [])
     try:
         base = OmegaConf.structured(schema)
@@ -425,6 +580,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             for group in GROUPS:
                 if group in raw and isinstance(raw[group], str):
                     cfg = _select_preset(cfg, base, group, raw.pop(group))
+            if METHOD_GROUP in raw and METHOD_GROUP in base:
+                cfg = _select_method(cfg, base, str(raw.pop(METHOD_GROUP)))
             cfg = OmegaConf.merge(cfg, raw)
         dotlist = []
         for item in overrides:
@@ -433,6 +590,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             key, value = item.split("=", 1)
             if key in GROUPS:
                 cfg = _select_preset(cfg, base, key, value)
+            elif key == METHOD_GROUP and key in base:
+                cfg = _select_method(cfg, base, value)
             else:
                 dotlist.append(item)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))

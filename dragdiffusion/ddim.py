@@ -1,9 +1,19 @@
-"""Deterministic DDIM step and DDIM inversion: pure functions on tensors plus the scheduler's alphas."""
+"""Deterministic DDIM step and DDIM inversion: pure functions on tensors plus the scheduler's alphas.
+
+The UNet's output ("model output") is read by the scheduler's ``prediction_type``: the noise (``epsilon``, SD 1.5)
+or the velocity (``v_prediction``, SD 2.x 768-v and many fine-tunes). ``eps_and_x0`` is the one place that turns it
+into the noise and the clean latent; every DDIM step (inversion, drag, denoising, generation) goes through it.
+"""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from .conditioning import cond_cat, cond_expand
+from .errors import ConfigError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def step_size(scheduler) -> int:
@@ -17,33 +27,66 @@ def alpha_bar(scheduler, t: int) -> torch.Tensor:
 
 
 def predict_x0(eps: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The clean latent from the NOISE ``eps`` (not a v prediction: see ``eps_and_x0``)."""
     return (z - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def ddim_step(scheduler, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0): z_t -> z_{t - 1000/steps}. Differentiable in z and eps."""
+def prediction_type(scheduler) -> str:
+    """The scheduler's ``prediction_type``, checked: epsilon or v_prediction ("sample" and others are refused)."""
+    value = str(scheduler.config.get("prediction_type", "epsilon"))
+    if value not in PREDICTION_TYPES:
+        raise ConfigError(f"scheduler.prediction_type '{value}' (from the model's scheduler config) is not supported: "
+                          f"expected one of {', '.join(PREDICTION_TYPES)}")
+    return value
+
+
+def eps_and_x0(scheduler, model_output: torch.Tensor, z: torch.Tensor,
+               a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, clean latent) from the UNet's output on ``z``, a latent whose cumulative alpha is ``a``, by the
+    scheduler's prediction type. epsilon: the output is the noise; v_prediction: v = sqrt(a) eps - sqrt(1-a) x0,
+    so x0 = sqrt(a) z - sqrt(1-a) v and eps = sqrt(a) v + sqrt(1-a) z (diffusers' DDIM formulas)."""
+    if prediction_type(scheduler) == "epsilon":
+        return model_output, predict_x0(model_output, z, a)
+    sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
+    return sqrt_a * model_output + sqrt_1ma * z, sqrt_a * z - sqrt_1ma * model_output
+
+
+def predict_eps_x0(scheduler, model_output: torch.Tensor, t: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, clean latent) from the UNet's output on ``z`` at timestep ``t``."""
+    return eps_and_x0(scheduler, model_output, z, alpha_bar(scheduler, t).to(z))
+
+
+def ddim_step(scheduler, model_output: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0): z_t -> z_{t - 1000/steps}. ``model_output``: the UNet's output at t (the noise or
+    v, by the scheduler's prediction type). Differentiable in z and the output."""
     a_t = alpha_bar(scheduler, t).to(z)
     a_prev = alpha_bar(scheduler, int(t) - step_size(scheduler)).to(z)
-    x0 = predict_x0(eps, z, a_t)
+    eps, x0 = eps_and_x0(scheduler, model_output, z, a_t)
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
-def ddim_inversion_step(scheduler, eps: torch.Tensor, t_next: int, z: torch.Tensor) -> torch.Tensor:
-    """z at t_next - 1000/steps -> z at t_next, with eps evaluated at t_next (the reference's convention)."""
+def ddim_inversion_step(scheduler, model_output: torch.Tensor, t_next: int, z: torch.Tensor) -> torch.Tensor:
+    """z at t_next - 1000/steps -> z at t_next, with the UNet's output evaluated at t_next (the reference's
+    convention) and read against z's own alpha (as diffusers' ``DDIMInverseScheduler``)."""
     t_cur = min(int(t_next) - step_size(scheduler), scheduler.config.num_train_timesteps - 1)
     a_cur = alpha_bar(scheduler, t_cur).to(z)
     a_next = alpha_bar(scheduler, t_next).to(z)
-    x0 = predict_x0(eps, z, a_cur)
+    eps, x0 = eps_and_x0(scheduler, model_output, z, a_cur)
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
 
-def inversion_timesteps(scheduler, num_inference_steps: int, strength: float) -> tuple[list[int], list[int]]:
+def inversion_timesteps(scheduler, num_inference_steps: int, strength: float, rounding: str = "floor"
+                        ) -> tuple[list[int], list[int]]:
     """(inversion timesteps ascending, denoising timesteps descending) for ``strength``.
 
-    With 50 steps and strength 0.7: inversion 1, 21, ..., 681 (35 steps); denoising 681, 661, ..., 1.
+    With 50 steps and strength 0.7: inversion 1, 21, ..., 681 (35 steps); denoising 681, 661, ..., 1. Strength 0.75:
+    38 steps, from t = 741. ``rounding``: the number of inverted steps is int(steps x strength) ("floor",
+    DragDiffusion's) or rounded half up ("round", GoodDrag's: 0.75 x 50 = 37.5 -> 38).
     """
     scheduler.set_timesteps(num_inference_steps)
-    n = int(num_inference_steps * strength)
+    if rounding not in ("floor", "round"):
+        raise ValueError(f"rounding={rounding!r}: expected floor or round")
+    n = int(num_inference_steps * strength + (0.5 if rounding == "round" else 0.0))
     descending = [int(t) for t in scheduler.timesteps]
     denoise = descending[len(descending) - n:]
     return list(reversed(denoise)), denoise
@@ -51,11 +94,13 @@ def inversion_timesteps(scheduler, num_inference_steps: int, strength: float) ->
 
 def guided_eps(unet_fn: Callable, z: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor | None,
                guidance_scale: float) -> torch.Tensor:
-    """Noise prediction, with classifier-free guidance when ``guidance_scale`` > 1 and ``uncond`` is given."""
+    """The UNet's output (noise or v), with classifier-free guidance when ``guidance_scale`` > 1 and ``uncond`` is
+    given (guidance is linear, so it applies to either prediction type as diffusers does). ``cond`` / ``uncond``: a
+    prompt embedding or a ``Conditioning`` (SDXL), batched to match (``dragdiffusion.conditioning``)."""
     if guidance_scale <= 1.0 or uncond is None:
-        return unet_fn(z, t, cond.expand(z.shape[0], -1, -1))
+        return unet_fn(z, t, cond_expand(cond, z.shape[0]))
     n = z.shape[0]
-    eps = unet_fn(torch.cat([z, z]), t, torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]))
+    eps = unet_fn(torch.cat([z, z]), t, cond_cat([cond_expand(uncond, n), cond_expand(cond, n)]))
     eps_u, eps_c = eps.chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .data.datamodule import StepIndices
 from .ddim import ddim_step
-from .features import unet_eps_and_features
+from .features import replace_mid_block, unet_eps_and_features
 from .motion import handle_distances, motion_supervision_loss
 
 
@@ -76,18 +76,29 @@ class DragEditModule(L.LightningModule):
         unet: the (frozen) UNet; kept outside the module's parameters and state_dict.
         scheduler: DDIM scheduler with ``set_timesteps`` already called.
         z_t: the starting latent [1, 4, h, w] at timestep ``t``.
-        cond: prompt embedding [1, 77, D] (or [2, 77, D] uncond+cond with ``guidance_scale`` > 1).
+        cond: prompt embedding [1, 77, D] (or [2, 77, D] uncond+cond with ``guidance_scale`` > 1), or a
+            ``Conditioning`` of as many rows (SDXL: with the pooled embedding and time ids).
         handles, targets: (row, col) on the supervision grid, [N, 2].
         drag: the ``drag`` config section.
         mask_latent: [1, 1, h, w] (1 = may change) or None.
         guidance_scale: classifier-free guidance s of a generated image (cond then holds uncond, cond):
             features are ``mix_guided_features`` of both halves, eps is the guided prediction.
         patch_as_reference: sample the shifted motion patch as the reference does (``reference.exact``).
+        handles_init: the handles' ORIGINAL positions (default: ``handles``), when a drag continues an earlier one
+            (GoodDrag drags at several timesteps: one module per timestep).
+        motion_loss: ``fn(features, handles, targets, handles_init) -> loss``, the motion term (default: DragDiffusion's motion
+            supervision with ``drag.r_m``).
+        step_offset: added to the logged ``drag/step`` (iterations of earlier drag modules of the same edit).
+        bottleneck: optimize the UNet's bottleneck instead of the latent (DragNoise): this tensor, the output of
+            ``unet.mid_block`` for ``z_t``, replaces the mid block's output in every forward and is the only
+            parameter; ``z_t`` stays fixed (the down path and the skip connections are z_t's).
     """
 
     def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None,
-                 guidance_scale: float = 1.0, patch_as_reference: bool = False):
+                 guidance_scale: float = 1.0, patch_as_reference: bool = False,
+                 handles_init: torch.Tensor | None = None, motion_loss=None, step_offset: int = 0,
+                 bottleneck: torch.Tensor | None = None):
         super().__init__()
         if guidance_scale > 1 and cond.shape[0] != 2:
             raise ValueError("guidance_scale > 1 needs cond = [uncond, cond] (2 rows), got "
@@ -99,13 +110,24 @@ class DragEditModule(L.LightningModule):
         self.t = int(t)
         self.drag = drag
         self.grid_hw = tuple(grid_hw)
-        self.z_t = torch.nn.Parameter(z_t.detach().clone().float())
+        if bottleneck is None:
+            self.z_t = torch.nn.Parameter(z_t.detach().clone().float())
+            self.bottleneck = None
+        else:  # DragNoise: the latent is fixed, the bottleneck is optimized
+            self.register_buffer("z_t", z_t.detach().clone().float(), persistent=False)
+            self.bottleneck = torch.nn.Parameter(bottleneck.detach().clone().float())
         self.register_buffer("z_t_original", z_t.detach().clone().float(), persistent=False)
-        self.register_buffer("cond", cond.detach().clone(), persistent=False)
-        self.register_buffer("handles_init", handles.detach().clone().float(), persistent=False)
+        if isinstance(cond, torch.Tensor):
+            self.register_buffer("cond", cond.detach().clone(), persistent=False)
+        else:  # a Conditioning (SDXL: with the added conditioning); the module is never moved
+            self.cond = cond.detach().clone()
+        init = handles if handles_init is None else handles_init
+        self.register_buffer("handles_init", init.detach().clone().float(), persistent=False)
         self.register_buffer("handles", handles.detach().clone().float(), persistent=False)
         self.register_buffer("targets", targets.detach().clone().float(), persistent=False)
         self.register_buffer("mask_latent", None if mask_latent is None else mask_latent.float(), persistent=False)
+        self.motion_loss = motion_loss
+        self.step_offset = int(step_offset)
         self.reached = False
         self.stop_step: int | None = None
         # per iteration (tensors during the fit, numbers after it): handles (row, col) and every loss term
@@ -117,8 +139,9 @@ class DragEditModule(L.LightningModule):
         guided = self.guidance_scale > 1
         if guided:
             z = torch.cat([z, z])
-        eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, self.cond,
-                                           list(self.drag.feature_blocks), self.grid_hw, need_eps=need_eps)
+        with replace_mid_block(self.unet, self.bottleneck):
+            eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, self.cond,
+                                               list(self.drag.feature_blocks), self.grid_hw, need_eps=need_eps)
         eps = None if eps is None else eps.float()
         if not guided:
             return eps, feats[0]
@@ -147,14 +170,19 @@ class DragEditModule(L.LightningModule):
         listening = self.listening()
         if listening:
             distances = {f"drag/distance_{i}": d for i, d in enumerate(handle_distances(self.handles, self.targets))}
-            self.log_dict({"drag/step": float(step.index), **distances}, on_step=True, prog_bar=False)
+            self.log_dict({"drag/step": float(self.step_offset + step.index), "drag/timestep": float(self.t),
+                           **distances}, on_step=True, prog_bar=False)
         if any(callback.reached(self, step) for callback in callbacks):
             self.reached = True
             self.stop_step = step.index
             self.trainer.should_stop = True
             return None  # no update at this step
-        terms = {"motion_loss": motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m,
-                                                        as_reference=self.patch_as_reference)}
+        if self.motion_loss is None:
+            motion = motion_supervision_loss(feat, self.handles, self.targets, self.drag.r_m,
+                                             as_reference=self.patch_as_reference)
+        else:
+            motion = self.motion_loss(feat, self.handles, self.targets, self.handles_init)
+        terms = {"motion_loss": motion}
         for callback in callbacks:
             terms.update(callback.loss_terms(self, step))
         loss = sum(terms.values())
@@ -182,8 +210,9 @@ class DragEditModule(L.LightningModule):
     def configure_optimizers(self):
         name = str(self.drag.optimizer)
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
-        fused = {"fused": True} if self.z_t.is_cuda and name != "sgd" else {}  # one kernel per step on a GPU
-        return cls([self.z_t], lr=self.drag.lr, **fused)
+        variable = self.z_t if self.bottleneck is None else self.bottleneck
+        fused = {"fused": True} if variable.is_cuda and name != "sgd" else {}  # one kernel per step on a GPU
+        return cls([variable], lr=self.drag.lr, **fused)
 
     def train_dataloader(self):
         return DataLoader(StepIndices(max(1, self.drag.n_pix_step)), batch_size=1)
@@ -191,3 +220,6 @@ class DragEditModule(L.LightningModule):
     # ------------------------------------------------------------------ results
     def edited_latent(self) -> torch.Tensor:
         return self.z_t.detach().clone()
+
+    def edited_bottleneck(self) -> torch.Tensor | None:
+        return None if self.bottleneck is None else self.bottleneck.detach().clone()

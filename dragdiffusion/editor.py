@@ -21,18 +21,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .console import quiet_lightning
-from .attention import StepWindow, classic_attention, reference_control
-from .backbone import Backbone, decode_latent, encode_image, encode_prompt, load_backbone
-from .callbacks import MaskRegularization, PointTracking
+from .attention import StepWindow, classic_attention, controlled_layer_names, reference_control
+from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone,
+                       unet_gradient_checkpointing)
+from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
 from .config import EditConfig, load_config, to_yaml
 from .data.convert import write_folder_sample
-from .ddim import ddim_denoise, ddim_invert, inversion_timesteps
+from .ddim import ddim_denoise, ddim_invert, ddim_step, guided_eps, inversion_timesteps
 from .drag import DragEditModule
 from .errors import ConfigError, SampleError
 from .generated import GeneratedImage, sample_image
 from .images import latent_mask, to_model_input, to_uint8
 from .io import save_json, save_png, save_text
 from .loggers import TrajectoryLogger, log_edit_result, log_lora_artifact, lora_callbacks
+from .features import StepGatedBottleneck, mid_block_output
+from .methods import DragDiffusionMethod, DragMethod, DragParts, DragStepContext, UndraggedStep, make_method
 from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
 from .policy import DevicePolicy
 from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, make_sample, pixels_to_grid, working_size
@@ -78,7 +81,7 @@ class DragStart:
     timesteps: list[int]  # the denoising timesteps, t first (descending)
     steps: int  # DDIM steps of the whole schedule (the step size of every DDIM step)
     work_hw: tuple[int, int]  # the working image size (height, width) the latent stands for
-    cond: torch.Tensor  # prompt embedding [1, 77, D]
+    cond: torch.Tensor  # prompt embedding [1, 77, D], or a Conditioning (SDXL: + pooled embedding and time ids)
     uncond: torch.Tensor | None = None  # the negative / empty prompt's, when guidance > 1
     guidance_scale: float = 1.0  # classifier-free guidance of the denoising
     drag_guidance: float = 1.0  # guidance of the drag's features (a generated image's; 1 for real images)
@@ -87,7 +90,7 @@ class DragStart:
 
     @property
     def drag_cond(self) -> torch.Tensor:
-        return torch.cat([self.uncond, self.cond]) if self.drag_guidance > 1 else self.cond
+        return cond_cat([self.uncond, self.cond]) if self.drag_guidance > 1 else self.cond
 
 
 class DragEditor:
@@ -129,7 +132,7 @@ class DragEditor:
 
         def fn(z, t, c):
             with policy.autocast():
-                return unet(z.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
+                return unet(z.to(unet.dtype), t, **unet_cond_kwargs(c, unet.dtype)).sample.float()
         return fn
 
     # ---------------------------------------------------------------- stage 1: the identity LoRA
@@ -148,7 +151,10 @@ class DragEditor:
             remove_identity_lora(unet)
             return None
         lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
-        train_lora(self.backbone, sample.image, sample.prompt, cfg.lora, cfg.trainer, lora_dir, logger=logger or False,
+        lora_cfg = cfg.lora  # model.gradient_checkpointing: the LoRA stage's too
+        if self.gradient_checkpointing() and not cfg.lora.gradient_checkpointing:
+            lora_cfg = OmegaConf.merge(cfg.lora, {"gradient_checkpointing": True})
+        train_lora(self.backbone, sample.image, sample.prompt, lora_cfg, cfg.trainer, lora_dir, logger=logger or False,
                    quiet=bool(cfg.get("quiet", False)), policy=self.policy,
                    callbacks=lora_callbacks(logger) + list(callbacks))
         if lora_dir is None:
@@ -163,9 +169,10 @@ class DragEditor:
         d = self.cfg.drag
         work_hw = working_size(sample.width, sample.height, d.width)[::-1]
         sched = self.backbone.scheduler
-        inv_ts, denoise_ts = inversion_timesteps(sched, d.num_inference_steps, d.inversion_strength)
-        cond = encode_prompt(self.backbone, sample.prompt)
-        uncond = encode_prompt(self.backbone, "") if d.guidance_scale > 1 else None
+        inv_ts, denoise_ts = inversion_timesteps(sched, d.num_inference_steps, d.inversion_strength,
+                                                 make_method(self.cfg).inversion_rounding)
+        cond = encode_condition(self.backbone, sample.prompt, work_hw)
+        uncond = encode_condition(self.backbone, "", work_hw) if d.guidance_scale > 1 else None
         z0 = encode_image(self.backbone, to_model_input(sample.image, work_hw).to(self.device))
         # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
         with classic_attention(self.backbone.unet, self.classic_attention_needed()):
@@ -185,15 +192,22 @@ class DragEditor:
         if tuple(generated.z_t.shape[-2:]) != latent_hw:
             raise SampleError("image", f"the generated image is {generated.width}x{generated.height} px but its latent "
                                        f"is {tuple(generated.z_t.shape[-2:])}; expected {latent_hw}", "generated")
-        cond = encode_prompt(self.backbone, generated.prompt)
-        uncond = encode_prompt(self.backbone, generated.negative_prompt)
+        size_hw = (generated.height, generated.width)
+        cond = encode_condition(self.backbone, generated.prompt, size_hw)
+        uncond = encode_condition(self.backbone, generated.negative_prompt, size_hw)
         s = float(generated.guidance_scale)
         return DragStart(generated.z_t.to(self.device), generated.t, list(generated.timesteps), generated.steps,
                          (generated.height, generated.width), cond, uncond if s > 1 else None, s, s)
 
     # ---------------------------------------------------------------- stage 3: the drag
     def drag(self, sample: DragSample, start: DragStart, callbacks=(), logger=False) -> DragEditModule:
-        """Optimize ``start.z_t`` so that the content at the sample's handles moves to its targets."""
+        """DragDiffusion's drag: optimize ``start.z_t`` at ``start.t`` (the method's first drag step)."""
+        method = DragDiffusionMethod(self.cfg)
+        ctx = DragStepContext(0, start.t, None)
+        return self.drag_step(sample, start, ctx, start.z_t, method.drag_parts(ctx), callbacks, logger)
+
+    def drag_geometry(self, sample: DragSample, start: DragStart):
+        """(grid size, handles, targets (row, col) on the grid, the mask at the latent size or None)."""
         d = self.cfg.drag
         grid_hw = grid_size(start.work_hw[1], start.work_hw[0], d.sup_res_factor)
         # pixels of the input -> grid: the scale is linear, so the input size maps straight to the grid
@@ -202,24 +216,93 @@ class DragEditor:
         mask_latent = None
         if sample.has_mask:
             mask_latent = latent_mask(sample.mask, grid_hw, tuple(start.z_t.shape[-2:])).to(self.device)
+        return grid_hw, handles_rc, targets_rc, mask_latent
+
+    def drag_step(self, sample: DragSample, start: DragStart, ctx: DragStepContext, z: torch.Tensor,
+                  parts: DragParts, callbacks=(), logger=False, previous: DragEditModule | None = None
+                  ) -> DragEditModule:
+        """One drag step: a Lightning fit of a ``DragEditModule`` that optimizes ``z`` at ``ctx.t`` (a fresh
+        optimizer), with the method's ``parts``; ``previous``: the module of the edit's previous drag step (its
+        handles go on from where they were)."""
+        d = self.cfg.drag
+        grid_hw, handles_rc, targets_rc, mask_latent = self.drag_geometry(sample, start)
+        handles = handles_rc if previous is None else previous.handles
+        offset = 0 if previous is None else previous.step_offset + len(previous.history["loss"]) + int(previous.reached)
         self.backbone.scheduler.set_timesteps(start.steps)  # the DDIM step size of the drag's x_prev
-        module = DragEditModule(self.backbone.unet, self.backbone.scheduler, start.z_t, start.t, start.drag_cond,
-                                handles_rc, targets_rc, grid_hw, d, mask_latent, guidance_scale=start.drag_guidance,
-                                patch_as_reference=bool(self.cfg.reference.exact))
-        cbs = self.logging_callbacks(sample, callbacks, logger)
-        if d.point_tracking:
-            cbs.append(PointTracking(d.r_p, d.stop_distance))
-        if d.mask_regularization:
-            cbs.append(MaskRegularization(d.lam))
-        if d.n_pix_step > 0:
+        module = DragEditModule(self.backbone.unet, self.backbone.scheduler, z, ctx.t, start.drag_cond,
+                                handles, targets_rc, grid_hw, d, mask_latent, guidance_scale=start.drag_guidance,
+                                patch_as_reference=bool(self.cfg.reference.exact), handles_init=handles_rc,
+                                motion_loss=parts.motion_loss, step_offset=offset, bottleneck=parts.bottleneck)
+        module.image_hw = (sample.height, sample.width)  # input pixels: the early-stop line (console.stop_rule)
+        cbs = self.logging_callbacks(sample, callbacks, logger) + list(parts.callbacks)
+        if parts.max_steps > 0:
             tc = self.cfg.trainer
-            trainer = self.policy.trainer(d.n_pix_step, cbs, logger or False, bool(self.cfg.quiet),
+            trainer = self.policy.trainer(parts.max_steps, cbs, logger or False, bool(self.cfg.quiet),
                                           bool(tc.enable_progress_bar), int(tc.log_every_n_steps), stage="drag")
-            with warnings.catch_warnings(), classic_attention(self.backbone.unet, self.classic_attention_needed()):
+            with warnings.catch_warnings(), classic_attention(self.backbone.unet, self.classic_attention_needed()), \
+                    unet_gradient_checkpointing(self.backbone.unet, self.gradient_checkpointing()):
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
                                                   "`training_step` returned `None`|TPU available).*")
                 trainer.fit(module)
         return module
+
+    @torch.no_grad()
+    def undragged_step(self, start: DragStart, t: int, z_orig: torch.Tensor) -> UndraggedStep:
+        """The original branch at a drag step: one forward gives its features F0(t) and its DDIM output."""
+        d = self.cfg.drag
+        grid_hw = grid_size(start.work_hw[1], start.work_hw[0], d.sup_res_factor)
+        probe = DragEditModule(self.backbone.unet, self.backbone.scheduler, z_orig, t, start.drag_cond,
+                               torch.zeros(1, 2), torch.zeros(1, 2), grid_hw, d, guidance_scale=start.drag_guidance)
+        self.backbone.scheduler.set_timesteps(start.steps)
+        with self.policy.autocast():
+            eps, feat = probe.eps_and_features(z_orig.float())
+        return UndraggedStep(feat.float(), ddim_step(self.backbone.scheduler, eps.float(), t, z_orig.float()))
+
+    @torch.no_grad()
+    def bottleneck_of(self, start: DragStart, t: int, z: torch.Tensor) -> torch.Tensor:
+        """The UNet's bottleneck (``mid_block`` output) for ``z`` at ``t``, fp32 (DragNoise's starting point)."""
+        unet = self.backbone.unet
+        cond = start.drag_cond
+        zz = torch.cat([z] * cond.shape[0]) if cond.shape[0] > 1 else z
+        with self.policy.autocast():
+            out = mid_block_output(unet, zz.to(unet.dtype), t, cond.to(unet.dtype)).float()
+        return out[-1:]  # with guidance: the conditional row (the same tensor replaces both rows)
+
+    @torch.no_grad()
+    def plain_step(self, start: DragStart, t: int, z: torch.Tensor) -> torch.Tensor:
+        """One DDIM step of one latent without control (the edited branch between two drag steps)."""
+        eps = guided_eps(self.unet_fn(), z.float(), t, start.cond, start.uncond, start.guidance_scale)
+        return ddim_step(self.backbone.scheduler, eps, t, z.float())
+
+    def drag_along_spine(self, sample: DragSample, start: DragStart, callbacks=(), logger=False):
+        """The method's drag steps along the denoising loop: (the original and the edited latent at the first step
+        without dragging, that step's index, the drag modules in order)."""
+        method = make_method(self.cfg)
+        z_orig, z_edit = start.z_t, start.z_t
+        modules: list[DragEditModule] = []
+        i = 0
+        while i < len(start.timesteps) and method.wants_drag(i):
+            t = int(start.timesteps[i])
+            undragged = self.undragged_step(start, t, z_orig) if method.needs_undragged else None
+            bottleneck = self.bottleneck_of(start, t, z_edit) if method.needs_bottleneck else None
+            ctx = DragStepContext(i, t, undragged, bottleneck)
+            module = self.drag_step(sample, start, ctx, z_edit, method.drag_parts(ctx), callbacks, logger,
+                                    previous=modules[-1] if modules else None)
+            modules.append(module)
+            method.after_drag(module)
+            z_edit = module.edited_latent()
+            if method.control_from_drag_step or not module.history["loss"] or i + 1 == len(start.timesteps):
+                break  # the denoising goes on from this step with control
+            # a step with dragging: both branches take a plain DDIM step (no control while dragging)
+            self.backbone.scheduler.set_timesteps(start.steps)
+            z_orig = undragged.x_prev if undragged is not None else self.plain_step(start, t, z_orig)
+            z_edit = self.plain_step(start, t, z_edit)
+            i += 1
+        return z_orig, z_edit, i, modules, method
+
+    def gradient_checkpointing(self) -> bool:
+        """``model.gradient_checkpointing``: the UNet recomputes activations in the drag's (and the LoRA's) backward."""
+        return bool(self.cfg.model.get("gradient_checkpointing", False)) or self.backbone.gradient_checkpointing
 
     def classic_attention_needed(self) -> bool:
         """``reference.exact`` without a LoRA: the reference's inversion and drag use the classic attention."""
@@ -235,24 +318,37 @@ class DragEditor:
         return cbs
 
     # ---------------------------------------------------------------- stage 4: denoising
-    def denoise(self, start: DragStart, z_edit: torch.Tensor) -> torch.Tensor:
-        """Denoise [z_t, z_edit] from t with reference-latent control (and the start's guidance)."""
+    def denoise(self, start: DragStart, z_edit: torch.Tensor, z_orig: torch.Tensor | None = None,
+                from_step: int = 0, method: DragMethod | None = None, modules=()) -> torch.Tensor:
+        """Denoise [z_orig, z_edit] (default z_orig: ``start.z_t``) from denoising step ``from_step`` to the end
+        with reference-latent control (its steps counted from ``from_step``) and the start's guidance. A method
+        without reference control (DragNoise) denoises the edited latent alone, with its bottleneck in the UNet
+        for the steps it says. Returns the batch; the edited latent is the last row."""
+        method = method or DragDiffusionMethod(self.cfg)
         r = self.cfg.reference
-        z = torch.cat([start.z_t, z_edit]).float()
+        timesteps = start.timesteps[from_step:]
+        if method.reference_control:
+            z = torch.cat([start.z_t if z_orig is None else z_orig, z_edit]).float()
+        else:
+            z = z_edit.float()
         window = StepWindow(r.start_step, r.end_step)
-        prefixes = list(r.layers) if r.enabled else []
+        prefixes = list(r.layers) if r.enabled and method.reference_control else []
+        gate = StepGatedBottleneck(method.denoise_bottleneck(list(modules)),
+                                   method.denoise_bottleneck_steps(len(timesteps)))
 
         def on_step(i, t):
             window.step = i
+            gate.step = i
 
         unet_fn = self.unet_fn()
         if start.guidance_scale > 1 and start.uncond is not None:
             # guidance batches [uncond rows, cond rows]: run each half alone so every forward keeps the
             # [original, edited] layout that the reference control expects
             plain = unet_fn
-            unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), c.chunk(2))])
-        with reference_control(self.backbone.unet, prefixes, window):
-            return ddim_denoise(unet_fn, self.backbone.scheduler, z, start.cond, start.timesteps, start.uncond,
+            unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), cond_chunk(c, 2))])
+        with reference_control(self.backbone.unet, prefixes, window), gate.installed(self.backbone.unet):
+            self.backbone.scheduler.set_timesteps(start.steps)
+            return ddim_denoise(unet_fn, self.backbone.scheduler, z, start.cond, timesteps, start.uncond,
                                 start.guidance_scale, on_step)
 
     # ---------------------------------------------------------------- the whole edit
@@ -260,14 +356,17 @@ class DragEditor:
         """Drag from ``start``, denoise, decode at the input's size: the shared end of every edit."""
         seconds = dict(start.seconds)
         tic = time.perf_counter()
-        module = self.drag(sample, start, callbacks, logger)
+        z_orig, z_edit, from_step, modules, method = self.drag_along_spine(sample, start, callbacks, logger)
         seconds["drag"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        z = self.denoise(start, module.edited_latent())
-        image = to_uint8(decode_latent(self.backbone, z[1:]), (sample.height, sample.width))
+        z = self.denoise(start, z_edit, z_orig, from_step, method, modules)
+        image = to_uint8(decode_latent(self.backbone, z[-1:]), (sample.height, sample.width))
         seconds["denoise"] = time.perf_counter() - tic
-        trajectory = edit_trajectory(module, sample, start, seconds)
-        result = EditResult(image, trajectory, sample, seconds, start.z_t.detach(), module.edited_latent())
+        run = DragRun.of(modules, start, from_step)
+        trajectory = edit_trajectory(run, sample, start, seconds)
+        trajectory["method"] = {"name": method.name, **method.settings()}
+        trajectory.update(method.trajectory_extra())
+        result = EditResult(image, trajectory, sample, seconds, start.z_t.detach(), z_edit.detach().clone())
         log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
         return result
 
@@ -276,6 +375,7 @@ class DragEditor:
         """Edit a real image. ``callbacks``: extra callbacks of the drag Trainer (a ``DragCallback`` adds to the
         drag itself); ``lora_callbacks``: of the LoRA Trainer."""
         sample.validate()
+        check_backbone_layers(self.cfg, self.backbone.unet)
         L.seed_everything(int(self.cfg.seed), verbose=False)
         tic = time.perf_counter()
         lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
@@ -291,6 +391,7 @@ class DragEditor:
         of the generated image; mask: H x W, 1 = may change, or None)."""
         sample = make_sample(generated.image, points, mask, generated.prompt, "generated")
         L.seed_everything(int(self.cfg.seed), verbose=False)
+        check_backbone_layers(self.cfg, self.backbone.unet)
         remove_identity_lora(self.backbone.unet)  # a previous real-image edit may have left its LoRA
         start = self.start_from_generated(generated)
         start.seconds = {"lora": 0.0, "inversion": 0.0}
@@ -300,20 +401,70 @@ class DragEditor:
         return result
 
 
-def edit_trajectory(module: DragEditModule, sample: DragSample, start: DragStart, seconds: dict) -> dict:
+def check_backbone_layers(cfg, unet) -> None:
+    """``drag.feature_blocks`` and ``reference.layers`` exist in this UNet (SDXL has 3 up blocks and no attention in
+    ``up_blocks.2``: SD 1.5's defaults do not fit it); a ConfigError naming the key and the model preset otherwise."""
+    n_up = len(unet.up_blocks)
+    hint = ("; an SDXL model takes its defaults from the preset: model=sdxl model.name_or_path=..."
+            if n_up == 3 else "")
+    blocks = [int(b) for b in cfg.drag.feature_blocks]
+    if any(b >= n_up for b in blocks):
+        raise ConfigError(f"config key 'drag.feature_blocks' = {blocks}: this UNet has {n_up} up blocks; expected "
+                          f"indices in 0..{n_up - 1}{hint}")
+    layers = list(cfg.reference.layers)
+    if cfg.reference.enabled and layers and not controlled_layer_names(unet, layers):
+        with_attention = sorted({".".join(n.split(".")[:2]) for n in unet.attn_processors
+                                 if n.startswith("up_blocks.") and ".attn1." in n})
+        raise ConfigError(f"config key 'reference.layers' = {layers}: no self-attention layer of this UNet matches; "
+                          f"its up blocks with attention are {with_attention}{hint}")
+
+
+@dataclass
+class DragRun:
+    """The drag steps of one edit as one record: the history of every step's module in order (with the timestep
+    of each iteration), the final handles, whether and when (iteration of the whole run) dragging stopped."""
+    history: dict
+    handles: torch.Tensor  # final (row, col) [N, 2]
+    grid_hw: tuple[int, int]
+    reached: bool
+    stop_step: int | None
+    drag_timesteps: list[int]  # the timestep of each drag step
+    control_from_step: int  # the first denoising step with reference control
+
+    @classmethod
+    def of(cls, modules: list[DragEditModule], start: DragStart, from_step: int) -> "DragRun":
+        first = modules[0]
+        history: dict[str, list] = {}
+        stop_step = None
+        for m in modules:
+            n = len(m.history["handles"])
+            for key, values in m.history.items():
+                history.setdefault(key, []).extend(values)
+            history.setdefault("timestep", []).extend([m.t] * n)
+            if m.stop_step is not None:
+                stop_step = m.step_offset + m.stop_step
+        return cls(history, modules[-1].handles, first.grid_hw, any(m.reached for m in modules), stop_step,
+                   [m.t for m in modules], int(from_step))
+
+
+def edit_trajectory(module: DragEditModule | DragRun, sample: DragSample, start: DragStart, seconds: dict) -> dict:
     """trajectory.json: handles in input-image pixels per iteration, the loss terms, the stop and timings."""
     grid_hw = module.grid_hw
     to_px = lambda rc: grid_to_pixels(torch.tensor(rc), (sample.height, sample.width), grid_hw).tolist()
     terms = {k: v for k, v in module.history.items() if k != "handles"}
+    extra = {}
+    if isinstance(module, DragRun):
+        extra = {"drag_timesteps": module.drag_timesteps, "control_from_step": module.control_from_step}
     return {
         "sample": sample.name,
         "image_size": [sample.width, sample.height],
         "working_size": [start.work_hw[1], start.work_hw[0]],
         "grid_size": [grid_hw[1], grid_hw[0]],
         "t": int(start.t),
+        **extra,
         "targets": [list(map(float, p)) for p in sample.targets],
         "handles": [to_px(h) for h in module.history["handles"]],
-        **terms,  # motion_loss, mask_loss, loss (and any term a DragCallback added)
+        **terms,  # motion_loss, mask_loss, loss, timestep (and any term a DragCallback added)
         "iterations": len(module.history["loss"]),
         "stopped_early": bool(module.reached),
         "stop_step": module.stop_step,
@@ -323,7 +474,7 @@ def edit_trajectory(module: DragEditModule, sample: DragSample, start: DragStart
     }
 
 
-def final_distance(module: DragEditModule, sample: DragSample) -> list[float]:
+def final_distance(module: DragEditModule | DragRun, sample: DragSample) -> list[float]:
     h = grid_to_pixels(module.handles.cpu(), (sample.height, sample.width), module.grid_hw)
     t = torch.tensor(sample.targets, dtype=torch.float32)
     return (h - t).norm(dim=1).tolist()

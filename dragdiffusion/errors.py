@@ -1,8 +1,9 @@
 """The project's error types: one message that names the sample and the field, never a deep traceback.
 
 Exit statuses of the command lines: 0 done, 1 a sample failed (``DragError``), 2 bad config or input
-(``BadInput``: checked before any model loads where it can be), 128 + N stopped by signal N (``Interrupted``:
-130 for Ctrl-C, 143 for SIGTERM).
+(``BadInput``: checked before any model loads where it can be), 3 a process of a multi-device batch was lost
+(``PeerLost``: the finished samples are in the summary, the same command resumes), 128 + N stopped by signal N
+(``Interrupted``: 130 for Ctrl-C, 143 for SIGTERM).
 """
 
 
@@ -36,6 +37,13 @@ class UnsafePickleError(BadInput):
     """A pickle tried to load something other than plain data."""
 
 
+class PeerLost(DragError):
+    """A process of a multi-device batch died or stopped answering (exit status 3): the survivors wrote the summary
+    of what finished; the same command again resumes."""
+
+    exit_status = 3
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: the run stops at its next step (a BaseException, like KeyboardInterrupt, so that
     no per-sample ``except Exception`` swallows it)."""
@@ -51,6 +59,6 @@ class Interrupted(BaseException):
 
 def exit_status(exc: BaseException) -> int:
     """The command-line exit status of an error."""
-    if isinstance(exc, Interrupted):
+    if isinstance(exc, (Interrupted, PeerLost)):
         return exc.exit_status
     return 2 if isinstance(exc, BadInput) else 1

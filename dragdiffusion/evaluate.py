@@ -1,22 +1,29 @@
-"""Evaluate drag-editing results as on DragBench: Mean Distance (MD) and Image Fidelity (IF = 1 - LPIPS).
+"""Evaluate drag-editing results: Mean Distance (MD, m-MD), Image Fidelity (IF = 1 - LPIPS), Drag Accuracy Index (DAI).
 
   python -m dragdiffusion.evaluate results=outputs/dragbench data=DragBench
   python -m dragdiffusion.evaluate results=DIR data=DIR model=tiny mean_distance.ensemble_size=2 \\
       mean_distance.width=128 image_fidelity.enabled=false trainer=cpu        # offline smoke run
   python -m dragdiffusion.evaluate results=DIR data=DIR trainer.devices=4 trainer.strategy=ddp
+  python -m dragdiffusion.evaluate results=DIR data=Drag100 mean_distance.enabled=false \\
+      image_fidelity.enabled=false                                            # DAI only: no model at all
 
 Works on any method's results laid out as the data: <results>/<category>/<sample>/dragged_image.png beside
-<data>/<category>/<sample>/ (DragBench layout or ours). Samples are taken in sorted order and each one's DIFT
+<data>/<category>/<sample>/ (DragBench layout, ours, Drag100's <name>/ folders, or a mix). The method and its
+result-shaping settings come from each <results>/<sample>/config.yaml (no method key: dragdiffusion; no file:
+unknown) and are reported per method. Samples are taken in sorted order and each one's DIFT
 noise is seeded from its name, so the numbers do not depend on file order or on the number of processes.
 Overrides are OmegaConf dotlist items (key=value); groups: model=tiny|sd15, trainer=default|cpu|gpu,
 logger=none|csv|tensorboard|wandb. Main keys (defaults are DragBench's):
   model.name_or_path=stabilityai/stable-diffusion-2-1 (DIFT model: hub id, folder or single file)
   mean_distance.t=261 mean_distance.up_block=1 mean_distance.ensemble_size=8 mean_distance.seed=0
   mean_distance.width=null (each image's own size) mean_distance.search=full|mask (m-MD)
-  mean_distance.normalize=none|diagonal   image_fidelity.enabled=true image_fidelity.net=alex
-  image_fidelity.size=224   result_name=dragged_image.png   resize_mismatched=false   out=DIR (default: results)
-Writes to out: evaluation.json (summary, categories, samples with every pair's match), evaluation_samples.csv,
-evaluation_categories.csv; prints the DragBench summary line; logs to the configured logger.
+  mean_distance.normalize=none|diagonal   mean_distance.masked=true (m-MD from the same features)
+  mean_distance.enabled=true (false: no DIFT model, no MD)   image_fidelity.enabled=true image_fidelity.net=alex
+  image_fidelity.size=224   dai.enabled=true dai.gammas=[1,5,10,20] dai.reference_compat=false (GoodDrag's script)
+  result_name=dragged_image.png   resize_mismatched=false   out=DIR (default: results)
+Writes to out: evaluation.json (summary with the methods and their settings, categories, samples with every
+pair's match), evaluation_samples.csv, evaluation_categories.csv, evaluation_methods.csv; prints the summary
+line (one more per method when the results mix methods); logs to the configured logger.
 Exit status: 0 every sample evaluated, 1 some sample missing/mismatched/failed, 2 bad config, data or model.
 """
 from __future__ import annotations

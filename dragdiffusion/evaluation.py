@@ -1,8 +1,13 @@
-"""DragBench evaluation as a Lightning validation run: Mean Distance and Image Fidelity over a results folder.
+"""Drag-editing evaluation as a Lightning validation run over a results folder: Mean Distance (MD) and its masked
+variant (m-MD) from one set of DIFT features, Image Fidelity (IF) and the Drag Accuracy Index (DAI, no model).
 
 ``python -m dragdiffusion.evaluate`` (evaluate.py) is the command line; ``evaluate(cfg)`` the function. Each process
 evaluates its shard of the samples (sorted, unpadded); the metrics sum exactly across processes; rank 0 writes
-``evaluation.json``, ``evaluation_samples.csv`` and ``evaluation_categories.csv`` and logs to the logger.
+``evaluation.json``, ``evaluation_samples.csv``, ``evaluation_categories.csv`` and ``evaluation_methods.csv`` and
+logs to the logger. The method of each result and its result-shaping settings are read from the
+``<results>/<sample>/config.yaml`` an edit writes (no ``method`` key: an older DragDiffusion result). A results
+folder holding one folder per method (``edit.py data=DIR methods=[...]``: ``<results>/<method>/<sample>/``) is
+evaluated as a whole: every method's results in one run, reported per method.
 """
 from __future__ import annotations
 
@@ -16,30 +21,97 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .backbone import load_backbone
 from .batch import gather_rows, say
 from .config import CONFIG_DIR, EvaluateConfig, load_config, to_container
 from .data.datamodule import ShardSampler, as_list
-from .data.readers import find_samples, read_sample
-from .errors import ConfigError, DragError
+from .data.readers import LAYOUTS_HELP, find_samples, read_sample
+from .errors import ConfigError, DragError, ModelLoadError
 from .io import save_json, save_text
 from .loggers import close_logger, log_table, make_logger
 from .images import as_image_tensor, resize_uint8
-from .metrics import ImageFidelity, MeanDistance
-from .outputs import check_writable
+from .metrics import DragAccuracyIndex, ImageFidelity, MeanDistance
+from .outputs import EDIT_RESULT_KEYS, IGNORED, check_writable, saved_config, setting
 from .policy import DevicePolicy, distributed_trainer
 from .sample import DEFAULT_LIMITS, ReadLimits, read_image
 
 EVALUATE_YAML = CONFIG_DIR / "evaluate.yaml"
-SAMPLE_COLUMNS = ("sample", "category", "status", "n_pairs", "mean_distance", "image_fidelity", "message")
-CATEGORY_COLUMNS = ("category", "n_samples", "n_evaluated", "n_pairs", "mean_distance", "image_fidelity")
+SAMPLE_COLUMNS = ("sample", "category", "method", "status", "n_pairs", "mean_distance", "masked_mean_distance",
+                  "image_fidelity", "message")  # + dai_<gamma> before message (sample_columns)
+CATEGORY_COLUMNS = ("category", "n_samples", "n_evaluated", "n_pairs", "mean_distance", "masked_mean_distance",
+                    "image_fidelity")  # + dai_<gamma> (category_columns)
+METRIC_KEYS = ("mean_distance", "masked_mean_distance", "image_fidelity")  # + dai_<gamma>
 STATUSES = ("ok", "missing", "size_mismatch", "error")
+DEFAULT_METHOD = "dragdiffusion"  # a result config.yaml without a method key: made before methods existed
+UNKNOWN_METHOD = "unknown"  # no config.yaml beside the result (another code base's output)
+# the settings that shape a result, read from each result's config.yaml and reported per method
+METHOD_RESULT_KEYS = ("method",) + tuple(k for k in EDIT_RESULT_KEYS if k != "method")
+_ABSENT = object()
+
+
+def dai_key(gamma: int) -> str:
+    return f"dai_{int(gamma)}"
+
+
+def sample_columns(gammas=()) -> tuple[str, ...]:
+    return SAMPLE_COLUMNS[:-1] + tuple(dai_key(g) for g in gammas) + SAMPLE_COLUMNS[-1:]
+
+
+def category_columns(gammas=()) -> tuple[str, ...]:
+    return CATEGORY_COLUMNS + tuple(dai_key(g) for g in gammas)
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+def method_name(saved: DictConfig | None) -> str:
+    """The method a result was made with: its config's ``method`` (a name, or a section with a ``name``);
+    DEFAULT_METHOD when the key is absent; UNKNOWN_METHOD without a config."""
+    if saved is None:
+        return UNKNOWN_METHOD
+    value = OmegaConf.select(saved, "method", default=None)
+    if OmegaConf.is_config(value):
+        value = value.get("name")
+    return str(value) if value else DEFAULT_METHOD
+
+
+def known_methods() -> set[str]:
+    """The method names that have a preset (configs/method/<name>.yaml)."""
+    return {p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")}
+
+
+def result_settings(saved: DictConfig | None, keys=METHOD_RESULT_KEYS) -> dict:
+    """The result-shaping settings of a result's config, flattened ({"drag.n_pix_step": 80, ...}): ``keys`` and
+    the section named after its method (e.g. ``gooddrag.*``), not the sections of the other methods; per-sample
+    paths (lora.path) left out."""
+    if saved is None:
+        return {}
+    name = method_name(saved)
+    others = known_methods() - {name}
+    out = {}
+    for key in dict.fromkeys(tuple(keys) + (name,)):
+        if key.split(".")[0] in others:
+            continue
+        value = setting(saved, key)
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in _flatten(value).items() if f"{key}.{k}" not in IGNORED})
+        elif key not in IGNORED and OmegaConf.select(saved, key, default=_ABSENT) is not _ABSENT:
+            out[key] = value
+    out.setdefault("method", name)
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- one sample
@@ -51,8 +123,9 @@ def category_of(name: str) -> str:
 
 
 def new_row(name: str) -> dict:
-    return {"sample": name, "category": category_of(name), "status": "ok", "message": "", "n_pairs": None,
-            "mean_distance": None, "image_fidelity": None, "size": None, "pairs": []}
+    return {"sample": name, "category": category_of(name), "method": None, "status": "ok", "message": "",
+            "n_pairs": None, "mean_distance": None, "masked_mean_distance": None, "image_fidelity": None,
+            "size": None, "pairs": []}
 
 
 def load_item(name: str, folder: str | Path, results: str | Path, result_name: str,
@@ -61,6 +134,8 @@ def load_item(name: str, folder: str | Path, results: str | Path, result_name: s
     (missing: no output; size_mismatch: an output of another size; error: unreadable). Never raises DragError."""
     row = new_row(name)
     item = {"row": row, "sample": None, "edited": None}
+    saved = saved_config(Path(results) / name)
+    row["method"], row["settings"] = method_name(saved), result_settings(saved)  # settings: for the summary
     try:
         sample = read_sample(folder, name, limits)
     except DragError as exc:
@@ -99,8 +174,16 @@ class EvaluationItems(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        name, folder = self.entries[i]
-        return load_item(name, folder, self.results, self.result_name, self.resize_mismatched, self.limits)
+        name, folder, *root = self.entries[i]  # (name, folder[, the results folder of this entry])
+        return load_item(name, folder, root[0] if root else self.results, self.result_name, self.resize_mismatched,
+                         self.limits)
+
+
+def result_roots(results: Path) -> list[Path]:
+    """Where the results of each sample are: ``results`` itself, or, when it holds one folder per method (a batch
+    with ``methods=[...]``: ``<results>/<method>/<sample>/``), each of those method folders."""
+    per_method = [results / m for m in sorted(known_methods()) if (results / m).is_dir()]
+    return per_method or [results]
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -110,44 +193,99 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def category_table(rows: list[dict]) -> list[dict]:
-    """Per category (sorted): samples, evaluated samples, pairs, MD (mean over the pairs), IF (over images)."""
+def aggregate(rows: list[dict], gammas=()) -> dict:
+    """The figures of a group of rows: status counts, samples, evaluated samples, pairs (of the evaluated ones),
+    MD and m-MD (means over the pairs), IF and DAI at each gamma (means over the images)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    pairs = [p for r in ok for p in r["pairs"]]
+    out = {"n_samples": len(rows), "n_evaluated": len(ok), "n_pairs": sum(r["n_pairs"] or 0 for r in ok),
+           "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+           "mean_distance": _mean(p["distance"] for p in pairs if p.get("distance") is not None),
+           "masked_mean_distance": _mean(p["masked_distance"] for p in pairs if p.get("masked_distance") is not None),
+           "image_fidelity": _mean(r["image_fidelity"] for r in ok if r["image_fidelity"] is not None)}
+    for g in gammas:
+        out[dai_key(g)] = _mean(r[dai_key(g)] for r in ok if r.get(dai_key(g)) is not None)
+    return out
+
+
+def category_table(rows: list[dict], gammas=()) -> list[dict]:
+    """Per category (sorted): samples, evaluated samples, pairs, MD / m-MD (means over the pairs), IF and DAI
+    (means over the images)."""
+    return [{"category": cat, **aggregate([r for r in rows if r["category"] == cat], gammas)}
+            for cat in sorted({r["category"] for r in rows})]
+
+
+def method_table(rows: list[dict], gammas=()) -> list[dict]:
+    """Per method (sorted): the figures as ``aggregate``, ``settings`` = the result-shaping settings all its
+    samples share (from their config.yaml) and ``varying`` = the setting keys whose values differ between them."""
     table = []
-    for cat in sorted({r["category"] for r in rows}):
-        rs = [r for r in rows if r["category"] == cat]
-        distances = [p["distance"] for r in rs if r["mean_distance"] is not None for p in r["pairs"]]
-        table.append({"category": cat, "n_samples": len(rs), "n_evaluated": sum(r["status"] == "ok" for r in rs),
-                      "n_pairs": len(distances), "mean_distance": _mean(distances),
-                      "image_fidelity": _mean(r["image_fidelity"] for r in rs if r["image_fidelity"] is not None)})
+    for name in sorted({r.get("method") or UNKNOWN_METHOD for r in rows}):
+        rs = [r for r in rows if (r.get("method") or UNKNOWN_METHOD) == name]
+        settings = [r.get("settings") or {} for r in rs]
+        keys = sorted(set().union(*settings))
+        first = settings[0]
+        common = {k: first[k] for k in keys if all(k in s and s[k] == first[k] for s in settings)}
+        table.append({"method": name, **aggregate(rs, gammas), "settings": common,
+                      "varying": [k for k in keys if k not in common]})
     return table
 
 
-def summary_line(summary: dict) -> str:
-    """The DragBench summary line: MD, IF, number of pairs (and what was not evaluated)."""
+def _figure(value, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def summary_line(summary: dict, label: str | None = None) -> str:
+    """MD, m-MD, IF, DAI at each gamma, pairs, samples evaluated (and what was not), under the method's name."""
     unit = " px" if summary["distance_unit"] == "px" else " (of the diagonal)"
-    md = "n/a" if summary["mean_distance"] is None else f"{summary['mean_distance']:.4g}{unit}"
-    fid = "n/a" if summary["image_fidelity"] is None else f"{summary['image_fidelity']:.4f}"
+    gammas = list(summary.get("dai_gammas") or [])
+    dai = "n/a"
+    if gammas and any(summary.get(dai_key(g)) is not None for g in gammas):
+        dai = "/".join(_figure(summary.get(dai_key(g)), ".4g") for g in gammas) + \
+            f" (gamma {'/'.join(str(g) for g in gammas)})"
+    if label is None:
+        label = " + ".join(m["method"] for m in summary.get("methods") or []) or "results"
     counts = ", ".join(f"{summary['counts'][s]} {s}" for s in STATUSES[1:] if summary["counts"][s])
-    return (f"DragBench: MD {md} | IF {fid} | {summary['n_pairs']} pairs | {summary['counts']['ok']}/"
-            f"{summary['n_samples']} samples evaluated" + (f" ({counts})" if counts else ""))
+    return (f"{label}: MD {_figure(summary['mean_distance'], '.4g', unit)} | "
+            f"m-MD {_figure(summary.get('masked_mean_distance'), '.4g', unit)} | "
+            f"IF {_figure(summary['image_fidelity'], '.4f')} | DAI {dai} | {summary['n_pairs']} pairs | "
+            f"{summary['counts']['ok']}/{summary['n_samples']} samples evaluated" + (f" ({counts})" if counts else ""))
 
 
 def _finite_or_none(x) -> float | None:
+    if x is None:
+        return None
     x = float(x)
     return x if math.isfinite(x) else None
 
 
-def make_report(rows: list[dict], mean_distance, image_fidelity, cfg: DictConfig) -> dict:
+def make_report(rows: list[dict], mean_distance, image_fidelity, cfg: DictConfig, masked_mean_distance=None,
+                dai: dict | None = None) -> dict:
+    """The report: ``summary`` (overall figures from the metrics' exact sums; ``methods``: one entry per method
+    with its settings and figures), ``line`` (+ ``method_lines`` when the results mix methods), ``categories``,
+    ``samples``. ``dai``: {gamma: value} or None (DAI off)."""
     rows = sorted(rows, key=lambda r: r["sample"])
+    gammas = [int(g) for g in dai] if dai is not None else []
+    methods = method_table(rows, gammas)
+    rows = [{k: v for k, v in r.items() if k != "settings"} for r in rows]
     summary = {
+        "methods": methods,
         "mean_distance": _finite_or_none(mean_distance),
-        "image_fidelity": None if image_fidelity is None else _finite_or_none(image_fidelity),
-        "n_pairs": sum(len(r["pairs"]) for r in rows if r["mean_distance"] is not None),
+        "masked_mean_distance": _finite_or_none(masked_mean_distance),
+        "image_fidelity": _finite_or_none(image_fidelity),
+        **{dai_key(g): _finite_or_none(dai[g]) for g in gammas},
+        "dai_gammas": gammas,
+        "dai_reference_compat": bool(cfg.dai.reference_compat) if dai is not None else None,
+        "n_pairs": sum(r["n_pairs"] or 0 for r in rows if r["status"] == "ok"),
         "n_samples": len(rows),
         "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
         "distance_unit": "px" if cfg.mean_distance.normalize == "none" else cfg.mean_distance.normalize,
     }
-    return {"summary": summary, "line": summary_line(summary), "categories": category_table(rows), "samples": rows}
+    report = {"summary": summary, "line": summary_line(summary), "method_lines": [],
+              "categories": category_table(rows, gammas), "samples": rows}
+    if len(methods) > 1:
+        report["method_lines"] = [summary_line({**m, "distance_unit": summary["distance_unit"], "dai_gammas": gammas},
+                                               m["method"]) for m in methods]
+    return report
 
 
 def _csv(rows: list[dict], columns) -> str:
@@ -159,17 +297,23 @@ def _csv(rows: list[dict], columns) -> str:
 
 
 def write_report(out: str | Path, report: dict, cfg: DictConfig | None = None) -> Path:
+    """evaluation.json, evaluation_samples.csv, evaluation_categories.csv (with an ``all`` row) and
+    evaluation_methods.csv (settings as JSON text) in ``out``."""
     out = Path(out)
-    doc = {"summary": report["summary"], "line": report["line"], "categories": report["categories"],
-           "samples": report["samples"]}
+    summary = report["summary"]
+    gammas = summary.get("dai_gammas") or []
+    doc = {"summary": summary, "line": report["line"], "method_lines": report.get("method_lines", []),
+           "categories": report["categories"], "samples": report["samples"]}
     if cfg is not None:
         doc["config"] = to_container(cfg)
     save_json(out / "evaluation.json", doc)
-    save_text(out / "evaluation_samples.csv", _csv(report["samples"], SAMPLE_COLUMNS))
-    overall = {"category": "all", "n_samples": report["summary"]["n_samples"],
-               "n_evaluated": report["summary"]["counts"]["ok"], "n_pairs": report["summary"]["n_pairs"],
-               "mean_distance": report["summary"]["mean_distance"], "image_fidelity": report["summary"]["image_fidelity"]}
-    save_text(out / "evaluation_categories.csv", _csv(report["categories"] + [overall], CATEGORY_COLUMNS))
+    save_text(out / "evaluation_samples.csv", _csv(report["samples"], sample_columns(gammas)))
+    overall = {**summary, "category": "all", "n_evaluated": summary["counts"]["ok"]}
+    save_text(out / "evaluation_categories.csv", _csv(report["categories"] + [overall], category_columns(gammas)))
+    methods = [{**m, "settings": json.dumps(m["settings"], sort_keys=True), "varying": " ".join(m["varying"])}
+               for m in summary["methods"]]
+    columns = ("method",) + category_columns(gammas)[1:] + ("varying", "settings")
+    save_text(out / "evaluation_methods.csv", _csv(methods, columns))
     return out
 
 
@@ -180,22 +324,36 @@ def build_mean_distance(cfg: DictConfig) -> MeanDistance:
     places it on each process's device once (the evaluation Trainer owns it)."""
     m = cfg.mean_distance
     policy = DevicePolicy.from_config(cfg)
-    backbone = load_backbone(cfg.model, DevicePolicy(torch.device("cpu"), policy.precision, policy.weight_dtype))
+    try:
+        backbone = load_backbone(cfg.model, DevicePolicy(torch.device("cpu"), policy.precision, policy.weight_dtype))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc} (mean_distance.enabled=false evaluates DAI and IF without the DIFT model)") \
+            from None
     return MeanDistance(backbone=backbone, t=m.t, up_block=m.up_block, ensemble_size=m.ensemble_size, width=m.width,
-                        search=m.search, normalize=m.normalize, seed=m.seed, chunk_rows=m.chunk_rows)
+                        search=m.search, normalize=m.normalize, seed=m.seed, chunk_rows=m.chunk_rows,
+                        masked=m.masked)
+
+
+def build_dai(cfg: DictConfig) -> DragAccuracyIndex:
+    return DragAccuracyIndex(gammas=list(cfg.dai.gammas), reference_compat=cfg.dai.reference_compat)
 
 
 class EvaluationModule(L.LightningModule):
-    """Thin: reads its shard of the samples, updates the two metrics, gathers the per-sample rows."""
+    """Thin: reads its shard of the samples, updates the metrics (DAI, MD / m-MD, IF), gathers the per-sample rows.
+
+    A metric given is used as it is; one not given is built from the config when its section is enabled."""
 
     def __init__(self, cfg: DictConfig, entries: list[tuple[str, str]], mean_distance: MeanDistance | None = None,
-                 image_fidelity: ImageFidelity | None = None):
+                 image_fidelity: ImageFidelity | None = None, dai: DragAccuracyIndex | None = None):
         super().__init__()
         self.cfg, self.entries = cfg, list(entries)
         if image_fidelity is None and cfg.image_fidelity.enabled:  # first: it fails fast where LPIPS is missing
             image_fidelity = ImageFidelity(net_type=cfg.image_fidelity.net, size=cfg.image_fidelity.size)
         self.image_fidelity = image_fidelity
-        self.mean_distance = mean_distance if mean_distance is not None else build_mean_distance(cfg)
+        self.dai = dai if dai is not None else (build_dai(cfg) if cfg.dai.enabled else None)
+        if mean_distance is None and cfg.mean_distance.enabled:
+            mean_distance = build_mean_distance(cfg)
+        self.mean_distance = mean_distance
         self.rows: list[dict] = []
         self.report: dict | None = None
 
@@ -221,12 +379,22 @@ class EvaluationModule(L.LightningModule):
             return row
         s, edited = item["sample"], item["edited"]
         try:
-            self.mean_distance.update(s.image, edited, s.handles, s.targets, s.prompt, s.name, s.mask)
-            last = self.mean_distance.last
-            row["pairs"] = [{"handle": list(map(float, h)), "target": list(map(float, t)), "match": m.tolist(),
-                             "distance": float(d)} for h, t, m, d in zip(s.handles, s.targets, last["matches"],
-                                                                           last["distances"])]
-            row["mean_distance"] = float(last["distances"].mean())
+            if self.dai is not None:  # first: in reference_compat mode it may refuse a sample (nothing counted yet)
+                self.dai.update(s.image, edited, s.handles, s.targets, s.name)
+                row.update({dai_key(g): float(v) for g, v in self.dai.last.items()})
+            pairs = [{"handle": list(map(float, h)), "target": list(map(float, t))}
+                     for h, t in zip(s.handles, s.targets)]
+            if self.mean_distance is not None:
+                self.mean_distance.update(s.image, edited, s.handles, s.targets, s.prompt, s.name, s.mask)
+                last = self.mean_distance.last
+                for p, m, d in zip(pairs, last["matches"], last["distances"]):
+                    p.update(match=m.tolist(), distance=float(d))
+                row["mean_distance"] = float(last["distances"].mean())
+                if "masked_distances" in last:
+                    for p, m, d in zip(pairs, last["masked_matches"], last["masked_distances"]):
+                        p.update(masked_match=m.tolist(), masked_distance=float(d))
+                    row["masked_mean_distance"] = float(last["masked_distances"].mean())
+            row["pairs"] = pairs
             if self.image_fidelity is not None:
                 self.image_fidelity.update(as_image_tensor(s.image), as_image_tensor(edited))
                 row["image_fidelity"] = float(self.image_fidelity.last[0])
@@ -238,47 +406,64 @@ class EvaluationModule(L.LightningModule):
         rows = gather_rows(self.rows)
         with warnings.catch_warnings():  # a process without any evaluated sample: compute before update
             warnings.filterwarnings("ignore", ".*compute.*called before.*update.*")
-            md = self.mean_distance.compute()
-            fid = self.image_fidelity.compute() if self.image_fidelity is not None else None
-        self.report = make_report(rows, md, fid, self.cfg)
+            md = mmd = fid = dai = None
+            if self.mean_distance is not None:
+                md = self.mean_distance.compute()
+                mmd = self.mean_distance.compute_masked() if self.mean_distance.masked else None
+            if self.image_fidelity is not None:
+                fid = self.image_fidelity.compute()
+            if self.dai is not None:
+                dai = self.dai.compute()
+        self.report = make_report(rows, md, fid, self.cfg, masked_mean_distance=mmd, dai=dai)
 
 
 def log_report(logger, report: dict) -> None:
-    """The summary and per-category figures as metrics, the per-sample rows as a table (rank 0 only)."""
+    """The summary, per-category (and, when the results mix methods, per-method) figures as metrics, the
+    per-sample rows as a table (rank 0 only)."""
     if not logger:
         return
     s = report["summary"]
+    gammas = s.get("dai_gammas") or []
     metrics = {"eval/n_pairs": s["n_pairs"], "eval/n_evaluated": s["counts"]["ok"]}
-    for key in ("mean_distance", "image_fidelity"):
-        if s[key] is not None:
+    groups = [(c["category"] or "uncategorized", c) for c in report["categories"]]
+    if len(s["methods"]) > 1:
+        groups += [(f"method/{m['method']}", m) for m in s["methods"]]
+    for key in METRIC_KEYS + tuple(dai_key(g) for g in gammas):
+        if s.get(key) is not None:
             metrics[f"eval/{key}"] = s[key]
-        for c in report["categories"]:
-            if c[key] is not None:
-                metrics[f"eval/{c['category'] or 'uncategorized'}/{key}"] = c[key]
+        for name, group in groups:
+            if group.get(key) is not None:
+                metrics[f"eval/{name}/{key}"] = group[key]
     logger.log_metrics(metrics, step=0)
-    log_table(logger, "eval/samples", list(SAMPLE_COLUMNS), [[r[k] for k in SAMPLE_COLUMNS] for r in report["samples"]])
+    columns = sample_columns(gammas)
+    log_table(logger, "eval/samples", list(columns), [[r.get(k) for k in columns] for r in report["samples"]])
 
 
 def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
-             image_fidelity: ImageFidelity | None = None) -> dict:
+             image_fidelity: ImageFidelity | None = None, dai: DragAccuracyIndex | None = None) -> dict:
     """Evaluate ``cfg.results`` against ``cfg.data``; returns the report on every process (rank 0 writes it).
 
-    ``mean_distance`` / ``image_fidelity``: metric instances to use instead of building them from the config
-    (for example an ImageFidelity with another distance network)."""
+    ``mean_distance`` / ``image_fidelity`` / ``dai``: metric instances to use instead of building them from the
+    config (for example an ImageFidelity with another distance network)."""
     for key in ("results", "data"):
         if not cfg[key]:
             raise ConfigError(f"{key}=DIR is required (results: the edited images, data: the dataset)")
+    given = (mean_distance, image_fidelity, dai)
+    if not (cfg.mean_distance.enabled or cfg.image_fidelity.enabled or cfg.dai.enabled or
+            any(m is not None for m in given)):
+        raise ConfigError("mean_distance.enabled, image_fidelity.enabled and dai.enabled are all false: nothing "
+                          "to evaluate")
     if not Path(cfg.results).is_dir():
         raise ConfigError(f"results={cfg.results}: folder not found")
     check_writable(cfg.out or cfg.results, "out" if cfg.out else "results")  # the tables go there
     data = Path(cfg.data)
     folders = find_samples(data)
     if not folders:
-        raise ConfigError(f"data={cfg.data}: no samples found (expected <category>/<sample>/meta_data.pkl or "
-                          "<sample>/drag.json)")
-    entries = [(f.relative_to(data).as_posix(), str(f)) for f in folders]
+        raise ConfigError(f"data={cfg.data}: no samples found (expected sample folders holding {LAYOUTS_HELP})")
+    entries = [(f.relative_to(data).as_posix(), str(f), str(root)) for root in result_roots(Path(cfg.results))
+               for f in folders]
     tic = time.perf_counter()
-    module = EvaluationModule(cfg, entries, mean_distance, image_fidelity)
+    module = EvaluationModule(cfg, entries, mean_distance, image_fidelity, dai)
     logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)
     trainer = distributed_trainer(cfg.trainer, quiet=cfg.quiet, logger=logger, inference_mode=False,
                                   use_distributed_sampler=False,  # our shards never repeat a sample
@@ -330,6 +515,8 @@ def evaluate_after_batch(edit_cfg: DictConfig) -> int:
 
 def announce(report: dict, cfg: DictConfig) -> int:
     say(report["line"])
+    for line in report.get("method_lines") or []:
+        say(f"  {line}")
     say(f"tables: {Path(cfg.out or cfg.results) / 'evaluation_samples.csv'}, evaluation_categories.csv, "
-        "evaluation.json")
+        "evaluation_methods.csv, evaluation.json")
     return exit_status(report)

@@ -1,8 +1,12 @@
 """UNet feature capture with forward hooks, resized to the supervision grid."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+
+from .conditioning import unet_cond_kwargs
 
 
 class StopForward(Exception):
@@ -46,12 +50,86 @@ def resize_and_concat(feats: list[torch.Tensor], size: tuple[int, int]) -> torch
 
 
 def unet_eps_and_features(unet, z, t, cond, blocks, size, need_eps: bool = True):
-    """One UNet forward: (eps or None, features [B, C, h, w]). Without ``need_eps`` the forward stops early."""
+    """One UNet forward: (eps or None, features [B, C, h, w]). Without ``need_eps`` the forward stops early.
+    ``cond``: the prompt embedding or a ``Conditioning`` (SDXL: with the added conditioning)."""
     with FeatureCapture(unet, blocks) as cap:
         cap.stop_after_last = not need_eps
         eps = None
         try:
-            eps = unet(z, t, encoder_hidden_states=cond).sample
+            eps = unet(z, t, **unet_cond_kwargs(cond)).sample
         except StopForward:
             pass
         return eps, cap.features(size)
+
+
+@contextmanager
+def replace_mid_block(unet, bottleneck: torch.Tensor | None):
+    """While active, ``unet.mid_block``'s output is ``bottleneck`` (expanded to the batch, in the block's dtype):
+    DragNoise's optimized bottleneck. ``None``: nothing is replaced."""
+    if bottleneck is None:
+        yield
+        return
+
+    def hook(module, args, output):
+        return bottleneck.to(output.dtype).expand_as(output)
+    handle = unet.mid_block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class MidBlockCapture(FeatureCapture):
+    """Keeps ``unet.mid_block``'s output during a forward and stops the forward there."""
+
+    def __init__(self, unet):
+        super().__init__(unet, [])
+        self.output: torch.Tensor | None = None
+
+    def __enter__(self) -> "MidBlockCapture":
+        def hook(module, args, output):
+            self.output = output
+            raise StopForward
+        self._handles.append(self.unet.mid_block.register_forward_hook(hook))
+        return self
+
+
+@torch.no_grad()
+def mid_block_output(unet, z, t, cond) -> torch.Tensor:
+    """The UNet bottleneck (``mid_block`` output) for latent ``z``: [B, C_mid, h/8, w/8] for SD 1.5's topology."""
+    with MidBlockCapture(unet) as cap:
+        try:
+            unet(z, t, **unet_cond_kwargs(cond))
+        except StopForward:
+            pass
+    return cap.output
+
+
+class StepGatedBottleneck:
+    """DragNoise's propagation: ``bottleneck`` replaces ``unet.mid_block``'s output in the denoising steps
+    ``0 .. steps - 1`` (the loop sets ``step``); nothing when ``bottleneck`` is None or ``steps`` is 0."""
+
+    def __init__(self, bottleneck: torch.Tensor | None, steps: int):
+        self.bottleneck, self.steps, self.step = bottleneck, int(steps), 0
+        self.replaced: list[int] = []  # the steps in which it replaced the block's output (for tests and logs)
+
+    @property
+    def active(self) -> bool:
+        return self.bottleneck is not None and self.step < self.steps
+
+    @contextmanager
+    def installed(self, unet):
+        if self.bottleneck is None or self.steps == 0:
+            yield self
+            return
+
+        def hook(module, args, output):
+            if not self.active:
+                return None
+            self.replaced.append(self.step)
+            return self.bottleneck.to(output.dtype).expand_as(output)
+        handle = unet.mid_block.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .backbone import Backbone, decode_latent, encode_prompt
+from .backbone import Backbone, decode_latent, encode_condition
 from .data import read_sample
 from .ddim import ddim_denoise, inversion_timesteps
 from .errors import SampleError
@@ -64,7 +64,9 @@ def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_st
     _, denoise_ts = inversion_timesteps(sched, int(g.steps), float(inversion_strength))
     all_ts = [int(t) for t in sched.timesteps]
     before = all_ts[:len(all_ts) - len(denoise_ts)]
-    cond, uncond = encode_prompt(backbone, prompt), encode_prompt(backbone, str(g.negative_prompt))
+    size_hw = (int(g.height), int(g.width))
+    cond = encode_condition(backbone, prompt, size_hw)
+    uncond = encode_condition(backbone, str(g.negative_prompt), size_hw)
     f = backbone.vae_scale_factor
     channels = int(backbone.unet.config.in_channels)
     z = initial_noise(g.seed, (1, channels, int(g.height) // f, int(g.width) // f)).to(backbone.device)

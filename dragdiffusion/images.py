@@ -67,6 +67,17 @@ def resize_uint8(image: np.ndarray, size_hw: tuple[int, int], resample: str = "b
     return np.asarray(Image.fromarray(np.asarray(image)).resize((int(w), max(int(h), 1)), RESAMPLE[resample]))
 
 
+def to_unit_rgb(image) -> np.ndarray:
+    """An H x W x 3 picture as float64 RGB in [0, 1] (pixel metrics such as DAI): uint8 is divided by 255 (as
+    torchvision's ToTensor), a float array is taken as already in [0, 1]."""
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64) / 255.0
+    return arr.astype(np.float64)
+
+
 def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
     """A copy that fits in ``size`` x ``size`` (aspect kept)."""
     img = Image.fromarray(np.asarray(image))

@@ -43,6 +43,14 @@ def save_png(path: str | Path, image) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def save_jpeg(path: str | Path, image, quality: int = 100) -> Path:
+    """A JPEG (Drag100's original.jpg): ``quality`` 100 and no chroma subsampling, the least lossy JPEG."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=int(quality), subsampling=0)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def save_json(path: str | Path, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -27,10 +27,10 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
-from .ddim import alpha_bar, predict_x0
+from .ddim import predict_eps_x0
 from .config import to_container
 from .errors import ConfigError
 from .images import resize_uint8, thumbnail, to_uint8
@@ -200,8 +200,8 @@ class TrajectoryLogger(L.Callback):
         if self.decode is None:
             return self.sample.image
         with torch.no_grad():
-            eps, _ = module.eps_and_features(module.z_t, need_eps=True)
-            x0 = predict_x0(eps, module.z_t, alpha_bar(module.scheduler, module.t).to(module.z_t))
+            output, _ = module.eps_and_features(module.z_t, need_eps=True)  # noise or v: read by prediction type
+            _, x0 = predict_eps_x0(module.scheduler, output, module.t, module.z_t)
             image = to_uint8(self.decode(x0))
         return resize_uint8(image, (self.sample.height, self.sample.width))
 
@@ -275,7 +275,8 @@ def edit_media(result, thumb: int = 128) -> dict:
     processes): before/after thumbnails and the per-step loss and mean handle distance (input pixels)."""
     t = result.trajectory
     return {"before": thumbnail(result.sample.image, thumb), "after": thumbnail(result.image, thumb),
-            "loss": list(t["loss"]), "distance_px": [float(np.mean(d)) for d in _distances(t)]}
+            "loss": list(t["loss"]), "distance_px": [float(np.mean(d)) for d in _distances(t)],
+            "timestep": [int(v) for v in t.get("timestep", [])]}
 
 
 def _distances(t: dict) -> list[list[float]]:
@@ -294,7 +295,9 @@ def log_batch_results(logger: Logger | bool, rows: list[dict], media: dict[str, 
 
     ``rows``: one dict per sample with sample, status, iterations, final_distance_px, seconds (and error);
     ``media``: ``edit_media`` of the finished samples by name (thumbnails and curves; missing = none). Curves:
-    ``<sample>/loss`` and ``<sample>/distance_px`` against the drag step, one panel section per sample.
+    ``<sample>/loss``, ``<sample>/distance_px`` and ``<sample>/timestep`` (the denoising timestep each drag
+    iteration ran at: one value for DragDiffusion, GoodDrag's drag steps) against the drag step, one panel
+    section per sample.
     """
     if not logger:
         return
@@ -310,6 +313,8 @@ def log_batch_results(logger: Logger | bool, rows: list[dict], media: dict[str, 
         section = _section(name)
         for step, dist in enumerate(m["distance_px"]):  # the early-stop step has a distance but no loss
             metrics = {f"{section}/distance_px": dist}
+            if step < len(m.get("timestep", [])):
+                metrics[f"{section}/timestep"] = float(m["timestep"][step])
             if step < len(m["loss"]):
                 metrics[f"{section}/loss"] = m["loss"][step]
             logger.log_metrics(metrics, step=step)

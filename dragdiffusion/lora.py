@@ -46,7 +46,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .backbone import Backbone, encode_prompt, load_backbone
+from .backbone import Backbone, encode_condition, load_backbone
+from .conditioning import cond_expand, unet_cond_kwargs
 from .config import normalize_precision, to_yaml
 from .errors import ConfigError, DragError, ModelLoadError
 from .data.datamodule import StepIndices
@@ -83,10 +84,10 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
 def lora_loss(unet, scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
               cond: torch.Tensor) -> torch.Tensor:
     """MSE (in fp32) between the UNet's prediction on the noised latents (DDPM forward noising, the scheduler's
-    ``add_noise``) and the diffusion target."""
+    ``add_noise``) and the diffusion target. ``cond``: the prompt embedding or a ``Conditioning`` (SDXL)."""
     noisy = scheduler.add_noise(x0, noise, t)
-    cond = cond.expand(x0.shape[0], -1, -1)
-    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    cond = cond_expand(cond, x0.shape[0])
+    pred = unet(noisy.to(unet.dtype), t, **unet_cond_kwargs(cond, unet.dtype)).sample
     return F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float(), reduction="mean")
 
 
@@ -457,6 +458,8 @@ class LoraIdentityModule(L.LightningModule):
         self.unet = backbone.unet
         self.vae = backbone.vae
         self.text_encoder = backbone.text_encoder
+        if backbone.text_encoder_2 is not None:  # SDXL's second text encoder (placed with the others under DDP)
+            self.text_encoder_2 = backbone.text_encoder_2
         self.backbone = backbone  # a plain dataclass (tokenizer, scheduler)
         self.image = image
         self.prompt = prompt or ""
@@ -483,9 +486,10 @@ class LoraIdentityModule(L.LightningModule):
         self.generator.manual_seed(int(self.lora.seed) + int(self.global_rank))  # restored later on resume
 
     def on_fit_start(self):
-        self.cond = encode_prompt(self.backbone, self.prompt, self.device)  # once
+        size = int(self.lora.resolution)  # SDXL: the views' size is the time ids' original and target size
+        self.cond = encode_condition(self.backbone, self.prompt, (size, size), self.device)  # once
         self.unet.train()  # as the reference (SD's UNet has no dropout: the numbers are the same)
-        if self.lora.gradient_checkpointing:
+        if self.lora.gradient_checkpointing or self.backbone.gradient_checkpointing:  # or model.gradient_checkpointing
             self.unet.enable_gradient_checkpointing()
         self.views = ViewSampler(self.vae, self.image, self.lora.resolution, self.lora.cache_latents)
 

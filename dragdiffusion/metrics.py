@@ -1,10 +1,13 @@
-"""DragBench metrics as torchmetrics: MeanDistance (DIFT point matching) and ImageFidelity (1 - LPIPS).
+"""Drag-editing metrics as torchmetrics: MeanDistance (DIFT point matching; MD and m-MD), ImageFidelity
+(1 - LPIPS) and DragAccuracyIndex (DAI, GoodDrag's pixel metric of Drag100; no model).
 
 The math is in pure functions that need no weights:
   bilinear_matrix      the weights of F.interpolate(bilinear, align_corners=False) as a matrix
   encode_latent, dift_features   DIFT: noised VAE latent at t, output of unet.up_blocks[i], mean over noises
-  match_handles        for each handle, the cosine-similarity argmax over the edited image's features
+  handle_similarities, best_matches (match_handles = both)   for each handle, the cosine-similarity argmax over
+                       the edited image's features, anywhere or inside a search mask
   pair_distances       pixel L2 from each match to its target (optionally / the image diagonal)
+  dai_pairs, drag_accuracy_index   DAI: source patch at the handle vs edited patch at the target
 The metric classes only load the model, prepare the images and accumulate sums (``dist_reduce_fx="sum"``).
 The sums are kept in fixed point (integers in units of 2**-32) so that they do not depend on the order of
 summation: a result is bit-identical on any number of processes.
@@ -18,14 +21,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
-from .backbone import encode_prompt, load_backbone
+from .backbone import encode_condition, load_backbone
+from .conditioning import cond_expand, unet_cond_kwargs
 from .config import ModelConfig
 from .errors import ModelLoadError, SampleError
 from .features import FeatureCapture, StopForward
-from .images import as_image_tensor, resize_tensor
+from .images import as_image_tensor, resize_tensor, to_unit_rgb
 from .policy import DevicePolicy
 from .sample import working_size
 
@@ -33,6 +36,7 @@ DEFAULT_DIFT_MODEL = "stabilityai/stable-diffusion-2-1"
 SEARCH_MODES = ("full", "mask")
 FIXED_POINT = 2.0 ** 32  # metric sums are int64 in units of 1 / FIXED_POINT (order-independent, exact)
 NORMALIZE_MODES = ("none", "diagonal")
+DAI_GAMMAS = (1, 5, 10, 20)  # GoodDrag's patch radii
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -75,7 +79,7 @@ def dift_features(unet, scheduler, latent: torch.Tensor, cond: torch.Tensor, t: 
     with FeatureCapture(unet, [up_block]) as cap:
         cap.stop_after_last = True
         try:
-            unet(z_t.to(dtype), t, encoder_hidden_states=cond.to(dtype).expand(len(noise), -1, -1))
+            unet(z_t.to(dtype), t, **unet_cond_kwargs(cond_expand(cond.to(dtype), len(noise))))
         except StopForward:
             pass
         return cap.outputs[up_block].float().mean(0)
@@ -88,13 +92,12 @@ def _rounded_points(points_xy: torch.Tensor, image_hw: tuple[int, int]) -> tuple
     return xs, ys
 
 
-def match_handles(source_feat: torch.Tensor, edited_feat: torch.Tensor, handles_xy, image_hw: tuple[int, int],
-                  search_mask: torch.Tensor | None = None, chunk_rows: int = 64) -> torch.Tensor:
-    """For each handle (x, y) of an H x W image: the pixel (x, y) of the edited image whose feature is most
-    cosine-similar to the source feature at the handle. Features [C, h, w] are bilinearly upsampled to H x W
+def handle_similarities(source_feat: torch.Tensor, edited_feat: torch.Tensor, handles_xy,
+                        image_hw: tuple[int, int], chunk_rows: int = 64) -> torch.Tensor:
+    """[N, H, W]: for each handle (x, y) of an H x W image, the cosine similarity of the source feature at the
+    handle to the edited image's feature at every pixel. Features [C, h, w] are bilinearly upsampled to H x W
     (as F.interpolate, align_corners=False), ``chunk_rows`` image rows at a time; handles are rounded to the
-    nearest pixel. ``search_mask`` (H x W, nonzero = allowed) restricts the search; empty or None = everywhere.
-    Ties go to the first pixel in row-major order. Returns [N, 2] long (x, y)."""
+    nearest pixel."""
     H, W = image_hw
     handles = torch.as_tensor(handles_xy, dtype=torch.float32).reshape(-1, 2)
     device = edited_feat.device
@@ -109,14 +112,31 @@ def match_handles(source_feat: torch.Tensor, edited_feat: torch.Tensor, handles_
         up = torch.einsum("yh,chw,xw->cyx", ah[r0:r0 + chunk_rows], edt, aw)
         up = up / up.norm(dim=0, keepdim=True).clamp_min(1e-12)
         sims[:, r0:r0 + chunk_rows] = torch.einsum("nc,cyx->nyx", vec, up)
+    return sims
+
+
+def best_matches(sims: torch.Tensor, search_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The argmax pixel (x, y) of each handle's similarities [N, H, W] (left unchanged). ``search_mask`` (H x W,
+    nonzero = allowed) restricts the search; empty or None = everywhere. Ties go to the first pixel in row-major
+    order. Returns [N, 2] long (x, y)."""
+    H, W = sims.shape[-2:]
     if search_mask is not None:
-        allowed = torch.as_tensor(search_mask, device=device).bool()
+        allowed = torch.as_tensor(search_mask, device=sims.device).bool()
         if allowed.shape != (H, W):
             raise ValueError(f"search_mask is {tuple(allowed.shape)}, expected the image's ({H}, {W})")
         if allowed.any():
-            sims[:, ~allowed] = -torch.inf
+            sims = sims.masked_fill(~allowed, -torch.inf)
     idx = sims.flatten(1).argmax(dim=1).cpu()
     return torch.stack([idx % W, idx // W], dim=1)
+
+
+def match_handles(source_feat: torch.Tensor, edited_feat: torch.Tensor, handles_xy, image_hw: tuple[int, int],
+                  search_mask: torch.Tensor | None = None, chunk_rows: int = 64) -> torch.Tensor:
+    """For each handle (x, y) of an H x W image: the pixel (x, y) of the edited image whose feature is most
+    cosine-similar to the source feature at the handle (``handle_similarities`` then ``best_matches``).
+    ``search_mask`` (H x W, nonzero = allowed) restricts the search; empty or None = everywhere.
+    Ties go to the first pixel in row-major order. Returns [N, 2] long (x, y)."""
+    return best_matches(handle_similarities(source_feat, edited_feat, handles_xy, image_hw, chunk_rows), search_mask)
 
 
 def distance_normalizer(mode: str, image_hw: tuple[int, int]) -> float:
@@ -156,7 +176,9 @@ class MeanDistance(Metric):
     ``update(source, edited, handles, targets, prompt, name, mask)`` takes one sample (images of the same size:
     H x W x 3 uint8 or [1, 3, H, W] in [-1, 1]; points (x, y) in its pixels). The same seeded noises (from
     ``name``) are used for the source and the edited image. ``last`` holds the latest sample's matches and
-    distances. Variants: ``search="mask"`` (m-MD), ``normalize="diagonal"``.
+    distances. Variants: ``search="mask"`` (m-MD), ``normalize="diagonal"``. ``masked=True`` also computes m-MD
+    (matches searched inside the sample's mask) from the same features: ``last["masked_matches"]``,
+    ``last["masked_distances"]`` and ``compute_masked()``; it costs one more argmax, no UNet pass.
     """
 
     is_differentiable = False
@@ -165,7 +187,7 @@ class MeanDistance(Metric):
 
     def __init__(self, model=DEFAULT_DIFT_MODEL, t: int = 261, up_block: int = 1, ensemble_size: int = 8,
                  width: int | None = None, search: str = "full", normalize: str = "none", seed: int = 0,
-                 chunk_rows: int = 64, backbone=None, **kwargs):
+                 chunk_rows: int = 64, backbone=None, masked: bool = False, **kwargs):
         super().__init__(**kwargs)
         if search not in SEARCH_MODES:
             raise ValueError(f"search: expected one of {SEARCH_MODES}, got {search!r}")
@@ -174,15 +196,20 @@ class MeanDistance(Metric):
             backbone = load_backbone(_model_config(model), DevicePolicy.cpu())
         self.backbone = backbone
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
+        if backbone.text_encoder_2 is not None:  # an SDXL DIFT model: placed with the others
+            self.text_encoder_2 = backbone.text_encoder_2
         n_train = len(backbone.scheduler.alphas_cumprod)
         if not 0 <= t < n_train:
             raise ValueError(f"t: expected a timestep in 0..{n_train - 1}, got {t}")
         self.t, self.up_block, self.ensemble_size = int(t), int(up_block), int(ensemble_size)
         self.width, self.search, self.normalize = width, search, normalize
         self.seed, self.chunk_rows = int(seed), int(chunk_rows)
+        self.masked = bool(masked)
         self.last: dict = {}
         self.add_state("distance_sum", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("n_pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("masked_distance_sum", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("masked_n_pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def features(self, image: torch.Tensor, cond: torch.Tensor, noise_seed: int) -> torch.Tensor:
         latent = encode_latent(self.vae, image)
@@ -203,22 +230,42 @@ class MeanDistance(Metric):
             raise SampleError("points", f"expected as many targets as handles, got {len(handles)} and "
                                         f"{len(targets)}", name or None)
         work_w, work_h = (W, H) if self.width is None else working_size(W, H, int(self.width))
-        cond = encode_prompt(self.backbone, prompt, self.text_encoder.device)  # where Lightning put the metric
+        # where Lightning put the metric; SDXL: the time ids of the working size
+        cond = encode_condition(self.backbone, prompt, (work_h, work_w), self.text_encoder.device)
         seed = sample_seed(name, self.seed)
         feats = [self.features(resize_tensor(x, (work_h, work_w)), cond, seed) for x in (src, edt)]
-        search_mask = None
-        if self.search == "mask" and mask is not None:
-            search_mask = torch.as_tensor(np.asarray(mask)) > 0
-        matches = match_handles(feats[0], feats[1], handles, (H, W), search_mask, self.chunk_rows)
-        dist = pair_distances(matches, targets, distance_normalizer(self.normalize, (H, W)))
+        sample_mask = None if mask is None else torch.as_tensor(np.asarray(mask)) > 0
+        sims = handle_similarities(feats[0], feats[1], handles, (H, W), self.chunk_rows)
+        matches = best_matches(sims, sample_mask if self.search == "mask" else None)
+        normalizer = distance_normalizer(self.normalize, (H, W))
+        dist = pair_distances(matches, targets, normalizer)
         self.last = {"matches": matches, "distances": dist}
+        if self.masked:
+            if self.search == "mask" or sample_mask is None or not bool(sample_mask.any()):
+                masked_matches, masked_dist = matches, dist  # the same search
+            else:
+                masked_matches = best_matches(sims, sample_mask)
+                masked_dist = pair_distances(masked_matches, targets, normalizer)
+            self.last.update(masked_matches=masked_matches, masked_distances=masked_dist)
+            self.masked_distance_sum += to_fixed_point(masked_dist).to(self.masked_distance_sum.device)
+            self.masked_n_pairs += len(masked_dist)
         self.distance_sum += to_fixed_point(dist).to(self.distance_sum.device)
         self.n_pairs += len(dist)
 
-    def compute(self) -> torch.Tensor:
-        if self.n_pairs == 0:
+    @staticmethod
+    def _mean(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        if n == 0:
             return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.distance_sum.double() / FIXED_POINT / self.n_pairs
+        return total.double() / FIXED_POINT / n
+
+    def compute(self) -> torch.Tensor:
+        return self._mean(self.distance_sum, self.n_pairs)
+
+    def compute_masked(self) -> torch.Tensor:
+        """m-MD (``masked=True``): the mean distance of the matches searched inside each sample's mask (a sample
+        without a mask: everywhere), synced across processes as ``compute`` is."""
+        with self.sync_context():
+            return self._mean(self.masked_distance_sum, self.masked_n_pairs)
 
 
 # ------------------------------------------------------------------------------------------ Image Fidelity
@@ -288,3 +335,122 @@ class ImageFidelity(Metric):
         if self.n_images == 0:
             return torch.tensor(float("nan"), dtype=torch.float64)
         return self.fidelity_sum.double() / FIXED_POINT / self.n_images
+
+
+# ------------------------------------------------------------------------------------------ Drag Accuracy Index
+
+def _pixel_points(points_xy, image_hw: tuple[int, int], kind: str, name: str | None) -> list[tuple[int, int]]:
+    """Points (x, y) rounded to the nearest pixel (half to even, as MD's matching), checked inside the image."""
+    h, w = image_hw
+    out = []
+    for i, (x, y) in enumerate(torch.as_tensor(points_xy, dtype=torch.float64).reshape(-1, 2).tolist()):
+        px, py = round(x), round(y)
+        if not (math.isfinite(x) and math.isfinite(y)) or not (0 <= px < w and 0 <= py < h):
+            raise SampleError("points", f"{kind} {i} at (x={x}, y={y}) is outside the {w}x{h} image", name)
+        out.append((int(px), int(py)))
+    return out
+
+
+def _dai_inputs(source, edited, handles_xy, targets_xy, gamma: int, name: str | None):
+    src, edt = to_unit_rgb(source), to_unit_rgb(edited)
+    if int(gamma) != gamma or gamma < 0:
+        raise ValueError(f"gamma: expected a patch radius >= 0, got {gamma!r}")
+    handles = _pixel_points(handles_xy, src.shape[:2], "handle", name)
+    targets = _pixel_points(targets_xy, edt.shape[:2], "target", name)
+    if len(handles) != len(targets) or not handles:
+        raise SampleError("points", f"expected as many targets as handles, at least one pair; got {len(handles)} "
+                                    f"and {len(targets)}", name)
+    return src, edt, handles, targets, int(gamma)
+
+
+def dai_pairs(source, edited, handles_xy, targets_xy, gamma: int, name: str | None = None) -> np.ndarray:
+    """Per pair [N] (float64): the squared difference, summed over the 3 channels, between the source's patch of
+    radius ``gamma`` at the handle and the edited image's patch at the target, averaged over the patch's offsets.
+
+    Images: H x W x 3 uint8 (divided by 255) or float in [0, 1]. Points (x, y) are rounded to the nearest pixel.
+    A patch crossing the border: only the offsets (dx, dy) where BOTH the handle's and the target's pixel are
+    inside their images count, and the sum is divided by the number of those offsets (two same-size patches;
+    inside the image that number is the patch area (2 gamma + 1)^2)."""
+    src, edt, handles, targets, g = _dai_inputs(source, edited, handles_xy, targets_xy, gamma, name)
+    (hs, ws), (he, we) = src.shape[:2], edt.shape[:2]
+    values = np.empty(len(handles), dtype=np.float64)
+    for i, ((hx, hy), (tx, ty)) in enumerate(zip(handles, targets)):
+        y0, y1 = max(-g, -hy, -ty), min(g, hs - 1 - hy, he - 1 - ty)
+        x0, x1 = max(-g, -hx, -tx), min(g, ws - 1 - hx, we - 1 - tx)
+        a = src[hy + y0:hy + y1 + 1, hx + x0:hx + x1 + 1]
+        b = edt[ty + y0:ty + y1 + 1, tx + x0:tx + x1 + 1]
+        values[i] = np.square(a - b).sum() / ((y1 - y0 + 1) * (x1 - x0 + 1))
+    return values
+
+
+def _reference_patch(image: np.ndarray, x: int, y: int, r: int) -> np.ndarray:
+    """GoodDrag's patch: a plain slice, so a start above or left of the image wraps around (mostly an empty
+    patch) and an end past the bottom or right edge is cut."""
+    return image[y - r:y + r + 1, x - r:x + r + 1]
+
+
+def drag_accuracy_index(source, edited, handles_xy, targets_xy, gamma: int, reference_compat: bool = False,
+                        name: str | None = None) -> float:
+    """DAI of one image (lower is better): the mean over its pairs of ``dai_pairs`` (the per-pair sum of squared
+    differences divided by the patch area).
+
+    ``reference_compat=True`` reproduces GoodDrag's evaluation script: the pairs' sums divided by the number of
+    pairs TWICE and by (2 gamma + 1)^2, with its border cut (``_reference_patch``; the divisor stays the full
+    area). Its script fails when that cut leaves the two patches of shapes numpy cannot subtract: that is a
+    SampleError here (two empty patches, both above or left of the image, add 0)."""
+    if not reference_compat:
+        return float(dai_pairs(source, edited, handles_xy, targets_xy, gamma, name).mean())
+    src, edt, handles, targets, g = _dai_inputs(source, edited, handles_xy, targets_xy, gamma, name)
+    total = 0.0
+    for i, ((hx, hy), (tx, ty)) in enumerate(zip(handles, targets)):
+        a, b = _reference_patch(src, hx, hy, g), _reference_patch(edt, tx, ty, g)
+        try:
+            total += float(np.square(a - b).sum())
+        except ValueError:
+            raise SampleError("dai", f"reference_compat: at gamma {g} GoodDrag's border cut leaves the patch at "
+                                     f"handle {i} (x={hx}, y={hy}) {a.shape[1]}x{a.shape[0]} px and the one at its "
+                                     f"target (x={tx}, y={ty}) {b.shape[1]}x{b.shape[0]} px: its script fails here "
+                                     "(dai.reference_compat=false counts the offsets inside both images)",
+                              name) from None
+    n = len(handles)
+    return total / n / (2 * g + 1) ** 2 / n
+
+
+class DragAccuracyIndex(Metric):
+    """Drag Accuracy Index (GoodDrag, Drag100; lower is better) at each patch radius of ``gammas``: the mean over
+    images of ``drag_accuracy_index``. Pure pixel math: no model. ``update(source, edited, handles, targets,
+    name)`` takes one sample; ``last`` = {gamma: DAI} of the latest one; ``compute()`` = {gamma: DAI} (float64
+    tensors). Sums are exact (fixed point), so any number of processes gives the same numbers."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, gammas=DAI_GAMMAS, reference_compat: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        gammas = tuple(int(g) for g in gammas)
+        if not gammas or any(g < 0 for g in gammas) or len(set(gammas)) != len(gammas):
+            raise ValueError(f"gammas: expected distinct patch radii >= 0, got {list(gammas)}")
+        self.gammas, self.reference_compat = gammas, bool(reference_compat)
+        self.last: dict[int, float] = {}
+        self.add_state("dai_sum", default=torch.zeros(len(gammas), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("n_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def values(self, source, edited, handles, targets, name: str | None = None) -> dict[int, float]:
+        """{gamma: DAI} of one sample, without updating the state."""
+        return {g: drag_accuracy_index(source, edited, handles, targets, g, self.reference_compat, name)
+                for g in self.gammas}
+
+    @torch.no_grad()
+    def update(self, source, edited, handles, targets, name: str | None = None) -> None:
+        last = self.values(source, edited, handles, targets, name)
+        v = torch.tensor([last[g] for g in self.gammas], dtype=torch.float64)
+        self.last = last
+        self.dai_sum += torch.round(v * FIXED_POINT).long().to(self.dai_sum.device)
+        self.n_images += 1
+
+    def compute(self) -> dict[int, torch.Tensor]:
+        if self.n_images == 0:
+            return {g: torch.tensor(float("nan"), dtype=torch.float64) for g in self.gammas}
+        values = self.dai_sum.double() / FIXED_POINT / self.n_images
+        return {g: values[i] for i, g in enumerate(self.gammas)}

@@ -127,6 +127,40 @@ def all_reached(handles: torch.Tensor, targets: torch.Tensor, stop_distance: flo
     return bool((handle_distances(handles, targets) < stop_distance).all())
 
 
-def mask_loss(x_prev: torch.Tensor, x0_prev: torch.Tensor, mask_latent: torch.Tensor, lam: float) -> torch.Tensor:
-    """lam * sum |x_prev - x0_prev| * (1 - M): a sum, not a mean. M = 1 where the image may change."""
-    return lam * ((x_prev - x0_prev).abs() * (1.0 - mask_latent)).sum()
+def mask_loss(x_prev: torch.Tensor, x0_prev: torch.Tensor, mask_latent: torch.Tensor, lam: float,
+              reduction: str = "sum") -> torch.Tensor:
+    """lam * sum |x_prev - x0_prev| * (1 - M): a sum, not a mean (``reduction="mean"``: FreeDrag's mean over every
+    latent element). M = 1 where the image may change."""
+    diff = (x_prev - x0_prev).abs() * (1.0 - mask_latent)
+    return lam * (diff.mean() if reduction == "mean" else diff.sum())
+
+
+def patch_offsets(radius: int, device=None) -> torch.Tensor:
+    """The (2 radius + 1)^2 integer offsets (row, col) of a square patch, row-major: [K, 2] float."""
+    r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    rr, cc = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1)
+
+
+def preserving_motion_loss(feat: torch.Tensor, feat0: torch.Tensor, handles_init: torch.Tensor,
+                           handles: torch.Tensor, targets: torch.Tensor, r1: int = 4, beta: float = 4.0,
+                           min_distance: float = 2.0) -> torch.Tensor:
+    """GoodDrag's information-preserving motion supervision.
+
+    For each handle p at least ``min_distance`` cells from its target t: the target patch is ``feat0`` (the
+    undragged features at this timestep) on the (2 r1 + 1)^2 integer offsets around the handle's ORIGINAL position,
+    detached; the prediction is ``feat`` bilinearly sampled on the same offsets around p + min(beta, |t - p|) d,
+    d = (t - p) / |t - p|; term = (2 r1)^2 x mean L1 (GoodDrag's weight: 64 for r1 = 4, not 81). Offsets that fall
+    off the grid take the border value in both patches (the same size always). All handles at once, no host sync:
+    a handle that is close enough contributes 0.
+    """
+    offsets = patch_offsets(r1, feat.device)  # [K, 2]
+    deltas = (targets - handles).float()
+    dists = deltas.norm(dim=-1, keepdim=True)  # [N, 1]
+    unit = deltas / dists.clamp_min(1e-8)
+    centre = handles.float() + torch.minimum(dists, torch.full_like(dists, float(beta))) * unit  # [N, 2]
+    source = bilinear_sample(feat0.detach(), handles_init.float()[:, None, :] + offsets[None]).detach()  # [N, K, C]
+    moved = bilinear_sample(feat, centre[:, None, :] + offsets[None])  # [N, K, C]
+    per_handle = (moved - source).abs().flatten(1).mean(dim=1)  # [N]
+    active = (dists[:, 0] >= min_distance).to(per_handle.dtype)
+    return (2 * r1) ** 2 * (per_handle * active).sum()

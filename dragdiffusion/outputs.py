@@ -16,7 +16,9 @@ EDIT_OUTPUTS = {"dragged_image.png", "drag_input.png", "drag_paths.png", "trajec
 # config keys whose change changes an edit's result (resume compares them); the rest (devices, logging, out,
 # paths of LoRAs found per sample) does not
 MODEL_RESULT_KEYS = ("model.name_or_path", "model.vae", "model.single_file_config", "model.dtype", "trainer.precision")
-EDIT_RESULT_KEYS = MODEL_RESULT_KEYS + ("drag", "lora", "reference", "seed")
+EDIT_RESULT_KEYS = MODEL_RESULT_KEYS + ("method", "drag", "lora", "reference", "seed", "gooddrag", "dragnoise",
+                                        "freedrag")
+METHOD_SECTIONS = {m: m for m in ("gooddrag", "dragnoise", "freedrag")}  # a method's own section matters only to runs of that method
 LORA_RESULT_KEYS = MODEL_RESULT_KEYS + ("lora",)
 IGNORED = ("lora.path", "lora.save_every")
 
@@ -67,8 +69,13 @@ def setting(cfg: DictConfig, key: str):
 def changed_settings(saved: DictConfig, run: DictConfig, keys=EDIT_RESULT_KEYS) -> list[str]:
     """``key: saved -> run`` for every result-shaping setting (leaves under ``keys``) that differs."""
     changes = []
+    methods = {str(setting(c, "method") or "dragdiffusion") for c in (saved, run)}  # older runs: dragdiffusion
     for key in keys:
+        if key in METHOD_SECTIONS.values() and not any(METHOD_SECTIONS.get(m) == key for m in methods):
+            continue
         a, b = setting(saved, key), setting(run, key)
+        if key == "method":
+            a, b = a or "dragdiffusion", b or "dragdiffusion"
         if isinstance(a, dict) or isinstance(b, dict):
             a, b = a or {}, b or {}
             for sub in sorted(set(a) | set(b)):

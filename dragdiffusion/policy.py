@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from datetime import timedelta
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import LightningEnvironment
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import OmegaConf
 
 from .console import StageProgressBar, quiet_lightning
@@ -175,11 +176,18 @@ def distributed_trainer(trainer_cfg, precision: str | None = None, quiet: bool =
         devices = list(devices)
     precision = normalize_precision(trainer_cfg.precision if precision is None else precision)
     kwargs.setdefault("enable_progress_bar", bool(trainer_cfg.enable_progress_bar) and not quiet)
+    # the process-group timeout (trainer.timeout_s; Lightning's default is 30 min): how long a collective waits
+    timeout = timedelta(seconds=float(getattr(trainer_cfg, "timeout_s", 300.0)))
+    strategy = str(trainer_cfg.strategy)
     try:
-        return L.Trainer(accelerator=str(trainer_cfg.accelerator), devices=devices,
-                         num_nodes=int(trainer_cfg.num_nodes), strategy=str(trainer_cfg.strategy),
-                         precision="32-true" if precision == "32" else precision,
-                         log_every_n_steps=int(trainer_cfg.log_every_n_steps), enable_model_summary=False,
-                         num_sanity_val_steps=0, **kwargs)
+        trainer = L.Trainer(accelerator=str(trainer_cfg.accelerator), devices=devices,
+                            num_nodes=int(trainer_cfg.num_nodes),
+                            strategy=DDPStrategy(timeout=timeout) if strategy == "ddp" else strategy,
+                            precision="32-true" if precision == "32" else precision,
+                            log_every_n_steps=int(trainer_cfg.log_every_n_steps), enable_model_summary=False,
+                            num_sanity_val_steps=0, **kwargs)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ConfigError(f"trainer.*: {str(exc).splitlines()[0]}") from None
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._timeout = timeout  # also when strategy=auto resolved to DDP (no public setter)
+    return trainer

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import SampleError
 
@@ -99,8 +99,35 @@ def check_file_size(path: Path, field_name: str, sample: str | None, limits: Rea
                                       f"{limits.max_file_bytes}", sample)
 
 
+EXIF_ORIENTATION = 0x0112  # 1 = as stored; 3 = turned 180; 6 / 8 = turned 90 (width and height swap); 2, 4, 5, 7 mirrored
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation tag (1 when it has none or it cannot be read)."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: read the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(img: Image.Image, close: bool = True) -> Image.Image:
+    """The image as viewers show it (a phone photo's EXIF orientation applied), without the tag; the image itself
+    when it needs no turn. Points, masks and outputs are all in this orientation."""
+    if exif_orientation(img) == 1:
+        return img
+    try:
+        turned = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: read the pixels as stored
+        return img
+    if close and turned is not img:
+        img.close()
+    return turned
+
+
 def open_image(path: str | Path, field_name: str, sample: str | None, limits: ReadLimits) -> Image.Image:
-    """A decoded PIL image, within ``limits``; a SampleError naming the field otherwise (never a traceback)."""
+    """A decoded PIL image, within ``limits``, turned as viewers show it (EXIF orientation applied: ``upright``);
+    a SampleError naming the field otherwise (never a traceback)."""
     path = Path(path)
     if not path.exists():
         raise SampleError(field_name, f"file not found: {path}", sample)
@@ -113,13 +140,13 @@ def open_image(path: str | Path, field_name: str, sample: str | None, limits: Re
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             img = Image.open(path)
-            w, h = img.size
+            w, h = img.size  # stored size: width x height is the same once turned (a PNG's EXIF is read on load)
             if w * h > limits.max_image_pixels:
                 img.close()
                 raise SampleError(field_name, f"{too_big.split(':')[0]}: {w}x{h} = {w * h} pixels, more than "
                                               f"limits.max_image_pixels={limits.max_image_pixels}", sample)
             img.load()
-            return img
+            return upright(img)
     except Image.DecompressionBombError:
         raise SampleError(field_name, too_big, sample) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -199,7 +226,7 @@ def make_sample(image, points, mask=None, prompt: str = "", name: str = "sample"
 
 def _as_rgb_array(image, name) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return to_rgb_uint8(image)
+        return to_rgb_uint8(upright(image, close=False))
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)

@@ -256,4 +256,7 @@ def test_two_process_batch_makes_one_wandb_run_with_every_sample(tmp_path, tiny_
         traj = json.loads((out / r["sample"] / "trajectory.json").read_text())
         key = r["sample"].replace("/", "-") + "/loss"
         assert [h[key] for h in history(run_dir) if key in h] == pytest.approx(traj["loss"], rel=1e-6)
-    assert leet(run_dir, summary=True)["config"]["trainer"]["devices"] == 2
+        key = r["sample"].replace("/", "-") + "/timestep"  # the timestep of every drag step
+        assert [h[key] for h in history(run_dir) if key in h] == traj["timestep"] and set(traj["timestep"]) == {traj["t"]}
+    config = leet(run_dir, summary=True)["config"]
+    assert config["trainer"]["devices"] == 2 and config["method"] == "dragdiffusion"

@@ -317,6 +317,6 @@ def test_edit_py_batch_with_evaluate(dragbench_dir, tmp_path, tiny_model_dir):
            "image_fidelity.enabled=false]"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "DragBench: MD" in proc.stdout
+    assert "dragdiffusion: MD" in proc.stdout and "| DAI " in proc.stdout
     report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert report["summary"]["counts"]["ok"] == 1 and report["summary"]["n_pairs"] == 3

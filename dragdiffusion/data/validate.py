@@ -2,8 +2,9 @@
 
   python -m dragdiffusion.data.validate DIR      # exit 0: all good, 1: some bad, 2: unsafe pickle / no data
 
-Each sample is read exactly as an edit would read it: images decoded, points paired and inside the image,
-mask of the image's size, pickles through the restricted unpickler. A pickle that would call code is marked
+Each sample (DragBench, our format or Drag100, mixed in one tree) is read exactly as an edit would read it:
+images decoded, points paired and inside the image, mask of the image's size, pickles through the restricted
+unpickler. A pickle that would call code is marked
 ``unsafe``: batch runs refuse the whole dataset then, rather than skip it quietly.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..errors import DragError, SampleError, UnsafePickleError
 from ..sample import DEFAULT_LIMITS, ReadLimits
-from .readers import find_samples, read_sample, sample_name
+from .readers import LAYOUTS_HELP, find_samples, read_sample, sample_name
 
 
 @dataclass
@@ -47,8 +48,8 @@ def check_dataset(root: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> list
     root = Path(root)
     checks = [check_sample(folder, root, limits) for folder in find_samples(root)]
     if not checks:
-        raise SampleError("data", f"no samples found below {root}; expected <sample>/meta_data.pkl + "
-                                  "original_image.png (DragBench) or <sample>/drag.json + image.png folders")
+        raise SampleError("data", f"no samples found below {root}; expected sample folders holding "
+                                  f"{LAYOUTS_HELP}")
     return checks
 
 
@@ -63,7 +64,7 @@ def format_report(checks: list[SampleCheck]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dragdiffusion.data.validate",
                                      description="Check every sample of a drag dataset and report the bad ones.")
-    parser.add_argument("data", help="dataset folder (DragBench layout, ours, or a mix)")
+    parser.add_argument("data", help="dataset folder (DragBench layout, ours, Drag100's, or a mix)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_LIMITS.max_image_pixels,
                         help="refuse images of more pixels (default: %(default)s, limits.max_image_pixels)")
     parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_LIMITS.max_file_bytes,

@@ -1,0 +1,246 @@
+"""Drag methods on one denoising spine (``method=dragdiffusion|gooddrag|dragnoise|freedrag``).
+
+The edit's denoising loop is the spine (``DragEditor.run``): at each denoising step i (timestep t_i) the method
+may optimize the edited latent (one Lightning fit of a ``DragEditModule`` at t_i, a fresh optimizer each time);
+while it drags, the original and the edited latent each take a plain DDIM step; from the first step at which the
+method no longer drags, the rest is denoised: as the batch [original, edited] with reference control, or (a method
+without control) the edited latent alone.
+
+What a method says (no ``if method ==`` elsewhere):
+
+- ``wants_drag(i)``: whether to optimize at step i;
+- ``drag_parts(ctx)``: that step's fit: its optimizer-step budget, motion term, DragCallbacks, and the variable
+  (the latent, or DragNoise's bottleneck);
+- ``after_drag(module)``: what the step's fit tells it;
+- class flags: ``control_from_drag_step`` (the step that dragged is itself denoised with control, as in
+  DragDiffusion, or first takes a plain step, as in GoodDrag: no control while dragging), ``needs_undragged``
+  (the undragged branch's F0(t) and x_prev0(t) at each drag step: one no-grad forward of the original latent,
+  which is also that branch's DDIM step), ``needs_bottleneck``, ``reference_control``, ``inversion_rounding``;
+- ``denoise_bottleneck`` / ``denoise_bottleneck_steps``: a bottleneck propagated through the denoising (DragNoise);
+- ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record.
+
+DragDiffusion: drag at step 0 only (up to ``drag.n_pix_step`` iterations, F0 from its first forward), control
+from step 0: exactly the single-timestep pipeline. GoodDrag: drag at steps 0 .. ``gooddrag.drag_end_step - 1``
+(30 optimizer steps at most each), information-preserving supervision and tracking against F0(t), control from
+the first step without dragging. DragNoise: DragDiffusion's loop on the bottleneck, propagated, no control.
+FreeDrag: one drag of template moves (freedrag.py), denoised as DragDiffusion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .callbacks import DragStopState, GoodDragTracking, MaskRegularization, PointTracking
+from .config import MethodName
+from .drag import DragCallback
+from .freedrag import FreeDragConstants, FreeDragMoves
+from .motion import preserving_motion_loss
+
+
+@dataclass
+class UndraggedStep:
+    """The original (undragged) latent at a drag step: its features on the supervision grid and its DDIM output."""
+    features: torch.Tensor  # [C, gh, gw]
+    x_prev: torch.Tensor  # [1, 4, h, w]: the original branch at the next step
+
+
+@dataclass
+class DragStepContext:
+    """What a method gets to build one drag step."""
+    index: int  # the denoising step (0 = the first, at the drag timestep)
+    t: int
+    undragged: UndraggedStep | None
+    bottleneck: torch.Tensor | None = None  # the UNet's mid-block output for the latent (``needs_bottleneck``)
+
+
+@dataclass
+class DragParts:
+    """One drag step's fit: at most ``max_steps`` optimizer steps, the motion term (None: DragDiffusion's) and
+    the DragCallbacks (tracking, stop, extra terms)."""
+    max_steps: int
+    callbacks: list = field(default_factory=list)
+    motion_loss: Callable | None = None
+    bottleneck: torch.Tensor | None = None  # optimize this bottleneck instead of the latent (DragNoise)
+
+
+class DragMethod:
+    """The base: a method that never drags (the spine then only denoises)."""
+    name = "none"
+    needs_undragged = False
+    needs_bottleneck = False  # the drag step wants the latent's UNet bottleneck (``DragStepContext.bottleneck``)
+    reference_control = True  # the denoising after the drag: [original, edited] with control, or the edited alone
+    control_from_drag_step = False  # True: the step that dragged is denoised with control (DragDiffusion)
+    inversion_rounding = "floor"  # inverted steps = int(steps x strength); "round": rounded half up
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def wants_drag(self, i: int) -> bool:
+        return False
+
+    def drag_parts(self, ctx: DragStepContext) -> DragParts:
+        raise NotImplementedError
+
+    def after_drag(self, module) -> None:
+        pass
+
+    def settings(self) -> dict:
+        """The method's own settings (for summaries and logs)."""
+        return {}
+
+    def denoise_bottleneck(self, modules) -> torch.Tensor | None:
+        """A bottleneck that replaces the UNet's own during the denoising (DragNoise), else None."""
+        return None
+
+    def denoise_bottleneck_steps(self, n_steps: int) -> int:
+        """How many of the ``n_steps`` remaining denoising steps use ``denoise_bottleneck`` (from the first)."""
+        return 0
+
+    def trajectory_extra(self) -> dict:
+        """Method-specific records for trajectory.json (e.g. FreeDrag's moves)."""
+        return {}
+
+
+class DragDiffusionMethod(DragMethod):
+    """Drag once, at the drag timestep: up to ``drag.n_pix_step`` iterations (published: 80)."""
+    name = MethodName.dragdiffusion.value
+    control_from_drag_step = True
+
+    def wants_drag(self, i: int) -> bool:
+        return i == 0
+
+    def drag_parts(self, ctx: DragStepContext) -> DragParts:
+        d = self.cfg.drag
+        cbs = []
+        if d.point_tracking:
+            cbs.append(PointTracking(d.r_p, d.stop_distance))
+        if d.mask_regularization:
+            cbs.append(MaskRegularization(d.lam))
+        return DragParts(int(d.n_pix_step), cbs)
+
+    def settings(self) -> dict:
+        d = self.cfg.drag
+        return {"n_pix_step": int(d.n_pix_step), "lr": float(d.lr), "r_m": int(d.r_m), "r_p": int(d.r_p),
+                "lam": float(d.lam), "inversion_strength": float(d.inversion_strength)}
+
+
+class GoodDragMethod(DragMethod):
+    """Alternating drag and denoise (AlDD) over the first ``gooddrag.drag_end_step`` steps."""
+    name = MethodName.gooddrag.value
+    needs_undragged = True
+    inversion_rounding = "round"  # 0.75 x 50 = 37.5 -> 38 inverted steps: the edit starts at t = 741
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.state = DragStopState()
+
+    def wants_drag(self, i: int) -> bool:
+        return i < int(self.cfg.gooddrag.drag_end_step) and self.state.stopped is None
+
+    def drag_parts(self, ctx: DragStepContext) -> DragParts:
+        d, g = self.cfg.drag, self.cfg.gooddrag
+        feat0 = ctx.undragged.features
+        cbs = [GoodDragTracking(feat0, self.state, d.r_p, d.stop_distance, g.max_drag_per_track,
+                                g.max_track_no_change)]
+        if d.mask_regularization:
+            cbs.append(MaskRegularization(d.lam, x0_prev=ctx.undragged.x_prev))
+
+        def motion(feat, handles, targets, handles_init):
+            return preserving_motion_loss(feat, feat0, handles_init, handles, targets, int(d.r_m), float(g.beta),
+                                          float(d.stop_distance))
+        return DragParts(int(g.track_per_step) * int(g.max_drag_per_track), cbs, motion)
+
+    def settings(self) -> dict:
+        d, g = self.cfg.drag, self.cfg.gooddrag
+        return {"drag_end_step": int(g.drag_end_step), "track_per_step": int(g.track_per_step),
+                "max_drag_per_track": int(g.max_drag_per_track), "max_track_no_change": int(g.max_track_no_change),
+                "beta": float(g.beta), "lr": float(d.lr), "r1": int(d.r_m), "r2": int(d.r_p), "lam": float(d.lam),
+                "inversion_strength": float(d.inversion_strength)}
+
+
+class BottleneckNorm(DragCallback):
+    """Records (and logs, as ``drag/bottleneck_norm``) the L2 norm of DragNoise's optimized bottleneck per step."""
+
+    def __init__(self):
+        self.norms: list[torch.Tensor] = []
+
+    def loss_terms(self, module, step):
+        norm = module.bottleneck.detach().norm()
+        self.norms.append(norm)
+        if module.listening():
+            module.log("drag/bottleneck_norm", norm, on_step=True)
+        return {}
+
+
+class DragNoiseMethod(DragDiffusionMethod):
+    """DragNoise: DragDiffusion's loop on the UNet bottleneck (z_t fixed), then that bottleneck in the denoising
+    (every step but the last ``dragnoise.end_step``), without reference control."""
+    name = MethodName.dragnoise.value
+    needs_bottleneck = True
+    reference_control = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.norm = BottleneckNorm()
+
+    def drag_parts(self, ctx: DragStepContext) -> DragParts:
+        parts = super().drag_parts(ctx)
+        parts.bottleneck = ctx.bottleneck
+        parts.callbacks.append(self.norm)
+        return parts
+
+    def denoise_bottleneck(self, modules) -> torch.Tensor | None:
+        return modules[-1].edited_bottleneck()
+
+    def denoise_bottleneck_steps(self, n_steps: int) -> int:
+        return max(0, n_steps - int(self.cfg.dragnoise.end_step))
+
+    def settings(self) -> dict:
+        return {**super().settings(), "end_step": int(self.cfg.dragnoise.end_step)}
+
+    def trajectory_extra(self) -> dict:
+        return {"bottleneck_norm": [float(v) for v in self.norm.norms]}
+
+
+class FreeDragMethod(DragMethod):
+    """FreeDrag: one drag at the drag timestep made of moves (templates, line search, roll-back; no tracking),
+    at most ``freedrag.max_step`` Adam steps; denoising as DragDiffusion's."""
+    name = MethodName.freedrag.value
+    control_from_drag_step = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        f = cfg.freedrag
+        self.moves = FreeDragMoves(FreeDragConstants(float(f.l_expected), float(f.threshold_d), float(f.d_max),
+                                                     int(f.candidates)), int(f.win_r), int(f.steps_per_move))
+
+    def wants_drag(self, i: int) -> bool:
+        return i == 0
+
+    def drag_parts(self, ctx: DragStepContext) -> DragParts:
+        d = self.cfg.drag
+        cbs = [self.moves]
+        if d.mask_regularization:
+            cbs.append(MaskRegularization(d.lam, reduction="mean"))
+        return DragParts(int(self.cfg.freedrag.max_step), cbs, self.moves.motion_loss)
+
+    def settings(self) -> dict:
+        f, d = self.cfg.freedrag, self.cfg.drag
+        return {"win_r": int(f.win_r), "l_expected": float(f.l_expected), "threshold_d": float(f.threshold_d),
+                "d_max": float(f.d_max), "candidates": int(f.candidates), "steps_per_move": int(f.steps_per_move),
+                "max_step": int(f.max_step), "lr": float(d.lr), "lam": float(d.lam),
+                "inversion_strength": float(d.inversion_strength)}
+
+    def trajectory_extra(self) -> dict:
+        return {"freedrag_moves": self.moves.state.moves}
+
+
+METHODS: dict[str, type[DragMethod]] = {m.name: m for m in (DragDiffusionMethod, GoodDragMethod, DragNoiseMethod,
+                                                            FreeDragMethod)}
+
+
+def make_method(cfg) -> DragMethod:
+    """A fresh method object for one edit (it may keep state across the edit's drag steps)."""
+    return METHODS[str(cfg.get("method", MethodName.dragdiffusion))](cfg)
