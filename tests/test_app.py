@@ -66,9 +66,14 @@ def page(browser, app_url):
     pg = context.new_page()
     hosts = set()
     pg.on("request", lambda request: hosts.add(request.url.split("/")[2]))
+    pg.errors = []  # the page's console errors and exceptions, for the messages of failing waits
+    pg.on("console", lambda msg: pg.errors.append(msg.text) if msg.type == "error" else None)
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
     pg.set_default_timeout(TIMEOUT_MS)
     pg.goto(app_url)
-    pg.wait_for_selector("#mask_editor")
+    # the editor's drawing canvas is made after its file input: a file set before it exists breaks the editor
+    # ("Cannot read properties of undefined (reading 'reset_layers')"), as seen on a loaded machine
+    pg.wait_for_selector("#mask_editor canvas", state="attached")
     yield pg
     context.close()
     assert all(h.startswith("127.0.0.1") for h in hosts if h), f"the page reached out: {hosts}"
@@ -88,9 +93,19 @@ def wait_status(page, prefix: str) -> str:
     return status(page)
 
 
-def upload(page, path: Path) -> None:
-    page.locator("#mask_editor input[type=file]").set_input_files(str(path))
-    wait_status(page, "image ")
+def upload(page, path: Path, tries: int = 3) -> None:
+    """Upload an image into the editor; a file the page did not take (no status after 40 s) is set again, as a
+    person would drop it again."""
+    for _ in range(tries):
+        page.locator("#mask_editor input[type=file]").set_input_files(str(path))
+        try:
+            page.wait_for_function("p => document.querySelector('#status textarea').value.startsWith(p)",
+                                   arg="image ", timeout=40_000)
+            return
+        except Exception:  # noqa: BLE001 - not taken: set the file again
+            continue
+    raise AssertionError(f"the upload never reached the app in {tries} tries; status {status(page)!r}; "
+                         f"page errors: {getattr(page, 'errors', [])[-5:]}")
 
 
 def click_view(page, x: float, y: float) -> None:
