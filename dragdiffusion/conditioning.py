@@ -102,7 +102,3 @@ def unet_cond_kwargs(cond, dtype: torch.dtype | None = None) -> dict:
     if isinstance(cond, Conditioning):
         return cond.unet_kwargs(dtype)
     return {"encoder_hidden_states": cond if dtype is None else cond.to(dtype)}
-
-
-def cond_rows(cond) -> int:
-    return int(cond.shape[0])

@@ -40,6 +40,26 @@ def mix_guided_features(f_uncond: torch.Tensor, f_cond: torch.Tensor, guidance_s
     return torch.cat([(1 - c) * f_uncond, c * f_cond], dim=-3)
 
 
+def guided_eps_and_features(unet, z: torch.Tensor, t: int, cond, blocks: list[int], grid_hw: tuple[int, int],
+                            guidance_scale: float = 1.0, bottleneck: torch.Tensor | None = None,
+                            need_eps: bool = True):
+    """One UNet forward of one latent: (the model output in fp32 or None, features [C, gh, gw] of ``blocks`` on
+    the grid). With ``guidance_scale`` > 1 (``cond`` = [uncond, cond]) the output is the guided one and the
+    features are ``mix_guided_features``; ``bottleneck`` replaces the mid block's output (DragNoise)."""
+    guided = guidance_scale > 1
+    if guided:
+        z = torch.cat([z, z])
+    with replace_mid_block(unet, bottleneck):
+        eps, feats = unet_eps_and_features(unet, z.to(unet.dtype), t, cond, blocks, grid_hw, need_eps=need_eps)
+    eps = None if eps is None else eps.float()
+    if not guided:
+        return eps, feats[0]
+    if eps is not None:
+        eps_u, eps_c = eps.chunk(2)
+        eps = eps_u + guidance_scale * (eps_c - eps_u)
+    return eps, mix_guided_features(feats[0], feats[1], guidance_scale)
+
+
 @dataclass
 class DragStep:
     """What one drag iteration's forward gives the callbacks.
@@ -136,19 +156,8 @@ class DragEditModule(L.LightningModule):
     # ------------------------------------------------------------------ the UNet as a function of z
     def eps_and_features(self, z: torch.Tensor, need_eps: bool = True):
         """(eps, features [C, gh, gw]) for one latent; the feature grid of the configured up_blocks."""
-        guided = self.guidance_scale > 1
-        if guided:
-            z = torch.cat([z, z])
-        with replace_mid_block(self.unet, self.bottleneck):
-            eps, feats = unet_eps_and_features(self.unet, z.to(self.unet.dtype), self.t, self.cond,
-                                               list(self.drag.feature_blocks), self.grid_hw, need_eps=need_eps)
-        eps = None if eps is None else eps.float()
-        if not guided:
-            return eps, feats[0]
-        if eps is not None:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + self.guidance_scale * (eps_c - eps_u)
-        return eps, mix_guided_features(feats[0], feats[1], self.guidance_scale)
+        return guided_eps_and_features(self.unet, z, self.t, self.cond, list(self.drag.feature_blocks), self.grid_hw,
+                                       self.guidance_scale, self.bottleneck, need_eps)
 
     def x_prev(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The deterministic DDIM step z_t -> z_{t - 1000/steps}."""

@@ -28,7 +28,7 @@ from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
 from .config import EditConfig, load_config, to_yaml
 from .data.convert import write_folder_sample
 from .ddim import ddim_denoise, ddim_invert, ddim_step, guided_eps, inversion_timesteps
-from .drag import DragEditModule
+from .drag import DragEditModule, guided_eps_and_features
 from .errors import ConfigError, SampleError
 from .generated import GeneratedImage, sample_image
 from .images import latent_mask, to_model_input, to_uint8
@@ -251,12 +251,11 @@ class DragEditor:
         """The original branch at a drag step: one forward gives its features F0(t) and its DDIM output."""
         d = self.cfg.drag
         grid_hw = grid_size(start.work_hw[1], start.work_hw[0], d.sup_res_factor)
-        probe = DragEditModule(self.backbone.unet, self.backbone.scheduler, z_orig, t, start.drag_cond,
-                               torch.zeros(1, 2), torch.zeros(1, 2), grid_hw, d, guidance_scale=start.drag_guidance)
         self.backbone.scheduler.set_timesteps(start.steps)
         with self.policy.autocast():
-            eps, feat = probe.eps_and_features(z_orig.float())
-        return UndraggedStep(feat.float(), ddim_step(self.backbone.scheduler, eps.float(), t, z_orig.float()))
+            eps, feat = guided_eps_and_features(self.backbone.unet, z_orig.float(), t, start.drag_cond,
+                                                list(d.feature_blocks), grid_hw, start.drag_guidance)
+        return UndraggedStep(feat.float(), ddim_step(self.backbone.scheduler, eps, t, z_orig.float()))
 
     @torch.no_grad()
     def bottleneck_of(self, start: DragStart, t: int, z: torch.Tensor) -> torch.Tensor:

@@ -62,21 +62,10 @@ def unet_eps_and_features(unet, z, t, cond, blocks, size, need_eps: bool = True)
         return eps, cap.features(size)
 
 
-@contextmanager
 def replace_mid_block(unet, bottleneck: torch.Tensor | None):
     """While active, ``unet.mid_block``'s output is ``bottleneck`` (expanded to the batch, in the block's dtype):
-    DragNoise's optimized bottleneck. ``None``: nothing is replaced."""
-    if bottleneck is None:
-        yield
-        return
-
-    def hook(module, args, output):
-        return bottleneck.to(output.dtype).expand_as(output)
-    handle = unet.mid_block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    DragNoise's optimized bottleneck in a drag forward. ``None``: nothing is replaced."""
+    return StepGatedBottleneck(bottleneck, 1, record=False).installed(unet)
 
 
 class MidBlockCapture(FeatureCapture):
@@ -109,8 +98,8 @@ class StepGatedBottleneck:
     """DragNoise's propagation: ``bottleneck`` replaces ``unet.mid_block``'s output in the denoising steps
     ``0 .. steps - 1`` (the loop sets ``step``); nothing when ``bottleneck`` is None or ``steps`` is 0."""
 
-    def __init__(self, bottleneck: torch.Tensor | None, steps: int):
-        self.bottleneck, self.steps, self.step = bottleneck, int(steps), 0
+    def __init__(self, bottleneck: torch.Tensor | None, steps: int, record: bool = True):
+        self.bottleneck, self.steps, self.step, self.record = bottleneck, int(steps), 0, record
         self.replaced: list[int] = []  # the steps in which it replaced the block's output (for tests and logs)
 
     @property
@@ -126,7 +115,8 @@ class StepGatedBottleneck:
         def hook(module, args, output):
             if not self.active:
                 return None
-            self.replaced.append(self.step)
+            if self.record:
+                self.replaced.append(self.step)
             return self.bottleneck.to(output.dtype).expand_as(output)
         handle = unet.mid_block.register_forward_hook(hook)
         try:

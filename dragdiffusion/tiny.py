@@ -18,6 +18,8 @@ embedding) whose penultimate hidden states are concatenated, and a VAE with SDXL
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import os
 import shutil
@@ -196,21 +198,28 @@ def build_sdxl_random_pipeline(seed: int = 0):
     return build_tiny_sdxl_pipeline(seed, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_TEXT_CONFIG, SDXL_TEXT_2_CONFIG)
 
 
+@contextmanager
+def seeded(seed: int):
+    """Draw from ``seed`` inside the block; the caller's random state comes back after it."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0, unet_config: dict | None = None, vae_config: dict | None = None,
                              text_config: dict | None = None, text_2_config: dict | None = None):
     """The SDXL-topology tiny pipeline (``StableDiffusionXLPipeline``) in memory, weights drawn from ``seed``; the
     scheduler is the reference DDIM (SDXL's betas are SD 1.5's)."""
     tokenizer = _tiny_tokenizer()
     tokenizer_2 = _tiny_tokenizer(pad_token="!")  # as SDXL's second tokenizer
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         unet = UNet2DConditionModel(**(unet_config or TINY_XL_UNET_CONFIG))
         vae = AutoencoderKL(**(vae_config or TINY_XL_VAE_CONFIG))
         text_encoder = CLIPTextModel(_text_config(tokenizer, text_config or TINY_XL_TEXT_CONFIG))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, text_2_config or TINY_XL_TEXT_2_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                      scheduler=DDIMScheduler(**SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
@@ -221,14 +230,10 @@ def build_tiny_pipeline(seed: int = 0, unet_config: dict | None = None, vae_conf
                         text_config: dict | None = None, scheduler_config: dict | None = None):
     """Build the tiny pipeline (or another size) in memory with weights drawn from ``seed``."""
     tokenizer = _tiny_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
         vae = AutoencoderKL(**(vae_config or VAE_CONFIG))
         text_encoder = CLIPTextModel(_text_config(tokenizer, text_config or TEXT_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(**(scheduler_config or SCHEDULER_CONFIG))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
