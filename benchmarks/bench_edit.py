@@ -194,7 +194,6 @@ def make_editor(model: str, device: str, precision: str, dtype: str, args, metho
 def run_one(model, device, precision, dtype, args, method: str = "dragdiffusion", checkpointing: bool = False) -> dict:
     from dragdiffusion.demo import demo_sample
     from dragdiffusion.ddim import inversion_timesteps
-    from dragdiffusion.methods import make_method
     editor = make_editor(model, device, precision, dtype, args, method, checkpointing)
     clock = StageClock(editor)
     sample = demo_sample(args.width, args.width)  # square: 64x64 latents at 512
@@ -208,8 +207,7 @@ def run_one(model, device, precision, dtype, args, method: str = "dragdiffusion"
         result = editor.edit(sample)
         total = time.perf_counter() - tic
     s, n = clock.seconds, clock.passes
-    n_inv = len(inversion_timesteps(editor.backbone.scheduler, args.steps, editor.cfg.drag.inversion_strength,
-                                    make_method(editor.cfg).inversion_rounding)[0])
+    n_inv = len(inversion_timesteps(editor.backbone.scheduler, args.steps, editor.cfg.drag.inversion_strength)[0])
     iterations = max(1, result.trajectory["iterations"])
     return {
         "method": method, "drag_steps": len(result.trajectory["drag_timesteps"]),

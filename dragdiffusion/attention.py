@@ -1,8 +1,13 @@
-"""Reference-latent control ("mutual self-attention"): in chosen self-attention layers and steps, the edited
-branch's queries attend to the keys and values of the original branch. Layers are chosen by module name.
+"""Self-attention controls of the denoising, chosen by layer name (both use PyTorch's fused
+``scaled_dot_product_attention``; one processor, ``SelfAttentionProcessor``, whose keys and values a control may
+replace):
 
-The batch is laid out [original..., edited...] (first half original). Uses PyTorch's fused
-``scaled_dot_product_attention``.
+- reference-latent control ("mutual self-attention", DragDiffusion, GoodDrag, FreeDrag): in chosen self-attention
+  layers and steps the edited branch's queries attend to the keys and values of the original branch; the batch is
+  laid out [original..., edited...] (first half original);
+- keys and values from the inversion (FastDrag): ``InversionKV`` records the keys and values of chosen
+  self-attention layers at every timestep of the inversion, and the denoising of the edited latent uses them
+  instead of its own at the same timestep. The record belongs to one edit (``InversionKV.clear``).
 """
 from __future__ import annotations
 
@@ -27,11 +32,12 @@ class StepWindow:
         return self.step >= self.start_step and (self.end_step is None or self.step < self.end_step)
 
 
-class ReferenceAttnProcessor:
-    """attn1 processor: when active, the edited half uses the original half's keys and values."""
+class SelfAttentionProcessor:
+    """diffusers' attention computed with SDPA, whose keys and values (``[batch, heads, tokens, head_dim]``) pass
+    through ``keys_values`` before the attention: the hook of the controls below (this base leaves them)."""
 
-    def __init__(self, window: StepWindow):
-        self.window = window
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
@@ -47,12 +53,9 @@ class ReferenceAttnProcessor:
         q = attn.to_q(hidden_states)
         k = attn.to_k(context)
         v = attn.to_v(context)
-        batch, heads = q.shape[0], attn.heads
+        heads = attn.heads
         q, k, v = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
-        if self.window.active and batch % 2 == 0:
-            n = batch // 2
-            k = torch.cat([k[:n], k[:n]])
-            v = torch.cat([v[:n], v[:n]])
+        k, v = self.keys_values(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = rearrange(out, "b h n d -> b n (h d)").to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -61,6 +64,78 @@ class ReferenceAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class ReferenceAttnProcessor(SelfAttentionProcessor):
+    """attn1 processor: when active, the edited half uses the original half's keys and values."""
+
+    def __init__(self, window: StepWindow):
+        self.window = window
+
+    def keys_values(self, k, v):
+        batch = k.shape[0]
+        if self.window.active and batch % 2 == 0:
+            n = batch // 2
+            k = torch.cat([k[:n], k[:n]])
+            v = torch.cat([v[:n], v[:n]])
+        return k, v
+
+
+class InversionKV:
+    """The keys and values of chosen self-attention layers, per timestep, recorded while the inversion runs and
+    replayed in the denoising (FastDrag's consistency: the edited latent attends with the inversion's keys and
+    values of the same timestep). ``at(t)`` sets the timestep of the next UNet call; ``recording`` says which way.
+    One record per edit: ``clear()`` frees it."""
+
+    def __init__(self):
+        self.entries: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.t: int | None = None
+        self.recording = True
+        self.replayed: list[tuple[int, str]] = []  # (timestep, layer) of every replacement (tests, records)
+
+    def at(self, t: int) -> None:
+        self.t = int(t)
+
+    def put(self, name: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.entries[(self.t, name)] = (k.detach().clone(), v.detach().clone())
+
+    def get(self, name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.t, name)
+        if key not in self.entries:
+            raise RuntimeError(f"InversionKV: no keys/values recorded for layer {name} at timestep {self.t}; "
+                               f"recorded timesteps: {self.timesteps()}")
+        k, v = self.entries[key]
+        if k.shape[0] != batch:
+            raise RuntimeError(f"InversionKV: recorded with batch {k.shape[0]}, replayed with batch {batch}")
+        self.replayed.append(key)
+        return k, v
+
+    def timesteps(self) -> list[int]:
+        return sorted({t for t, _ in self.entries})
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.entries.values())
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.replayed.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class InversionKVProcessor(SelfAttentionProcessor):
+    """attn1 processor of one layer: records its keys and values into an ``InversionKV`` (inversion) or takes them
+    from it in place of its own (denoising)."""
+
+    def __init__(self, store: InversionKV, name: str):
+        self.store, self.name = store, name
+
+    def keys_values(self, k, v):
+        if self.store.recording:
+            self.store.put(self.name, k, v)
+            return k, v
+        return self.store.get(self.name, k.shape[0])
 
 
 @contextmanager
@@ -94,6 +169,23 @@ def reference_control(unet, prefixes: list[str], window: StepWindow):
                          "'up_blocks.2' (see unet.attn_processors)")
     processor = ReferenceAttnProcessor(window)
     unet.set_attn_processor({n: (processor if n in chosen else p) for n, p in previous.items()})
+    try:
+        yield chosen
+    finally:
+        unet.set_attn_processor(previous)
+
+
+@contextmanager
+def inversion_kv(unet, prefixes: list[str], store: InversionKV, recording: bool):
+    """Install ``InversionKVProcessor`` on the self-attention layers under ``prefixes`` (recording the inversion's
+    keys and values, or replaying them); restore the previous processors after."""
+    previous = dict(unet.attn_processors)
+    chosen = set(controlled_layer_names(unet, prefixes))
+    if not chosen:
+        raise ValueError(f"fastdrag.kv_layers {prefixes}: no self-attention layer matches; expected prefixes such as "
+                         "'up_blocks' (see unet.attn_processors)")
+    store.recording = recording
+    unet.set_attn_processor({n: (InversionKVProcessor(store, n) if n in chosen else p) for n, p in previous.items()})
     try:
         yield chosen
     finally:

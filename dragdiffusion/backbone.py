@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
@@ -182,7 +183,30 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
         raise ModelLoadError(f"{_hint(name)}\nUnderlying error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
     if model_cfg.vae:
         pipe.vae = load_vae(str(model_cfg.vae), dtype, local_only)
+    if getattr(model_cfg, "unet", None):
+        pipe.unet = load_unet(str(model_cfg.unet), dtype, local_only)
     return pipe
+
+
+def load_unet(name: str, dtype, local_only: bool):
+    """``model.unet``: a UNet (its own folder or hub id with config.json, or a pipeline's ``unet/`` subfolder) in place
+    of the base model's, beside its text encoder(s) and VAE; the scheduler stays the reference DDIM (FastDrag's LCM
+    benchmark: ``SimianLuo/LCM_Dreamshaper_v7``; no LCM w-conditioning is passed, ``timestep_cond`` stays None)."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        subfolders = [None] if (path / "config.json").is_file() else ["unet"]
+    else:
+        subfolders = ["unet", None]  # a hub id: a pipeline repository (LCM_Dreamshaper_v7) or a UNet's own
+    error = None
+    for subfolder in subfolders:
+        try:
+            return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, dtype=dtype,
+                                                        local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            error = exc
+    raise ModelLoadError(f"model.unet: could not load the UNet '{name}' (a diffusers UNet2DConditionModel folder with "
+                         "config.json, a pipeline folder with unet/, or a hub id of either was expected): "
+                         f"{str(error).splitlines()[0]}") from None
 
 
 def load_vae(name: str, dtype, local_only: bool):
@@ -245,6 +269,19 @@ def _prompt_ids(tok, prompt: str, device) -> torch.Tensor:
         warnings.warn(f"prompt: {n_tokens} tokens, more than {tok.model_max_length}; it was truncated", stacklevel=4)
     return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids.to(device)
+
+
+def prompt_token_mask(backbone: Backbone, prompt: str) -> torch.Tensor:
+    """[77] bool: the start token and the prompt's tokens, the positions before the first end-of-text token of the
+    tokenized (truncated) prompt (DragText's regularized tokens: not the end and padding tokens). A prompt that
+    fills all 77 positions still ends with its end token after truncation, so the span is always defined (with the
+    empty prompt: the start token alone). SDXL's two encoders tokenize alike: the first tokenizer decides."""
+    tok = backbone.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids[0]
+    ends = (ids == tok.eos_token_id).nonzero()
+    first_end = int(ends[0]) if len(ends) else len(ids)
+    return torch.arange(len(ids)) < first_end
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone import load_backbone
+from .config import method_label
 from .data.datamodule import DragDataModule
 from .data.validate import check_dataset, format_report
 from .errors import ConfigError, DragError, Interrupted, PeerLost, UnsafePickleError
@@ -329,7 +330,7 @@ def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float
     out = Path(cfg.out)
     info = {"data": str(cfg.data), "out": str(out), "world_size": world_size, "seconds": round(seconds, 3)}
     if "method" in cfg:  # edits (a LoRA-only batch has no method)
-        info["method"] = str(cfg.method)
+        info["method"] = method_label(cfg)
     if interrupted is not None:
         info["interrupted_by_signal"] = interrupted
     write_summary(out, rows, info)
@@ -427,7 +428,7 @@ def peers_lost(cfg: DictConfig, job: Job, trainer, invalid: list[dict], skipped:
         info = {"data": str(cfg.data), "out": str(out), "world_size": trainer.world_size,
                 "seconds": round(time.perf_counter() - tic, 3)}
         if "method" in cfg:
-            info["method"] = str(cfg.method)
+            info["method"] = method_label(cfg)
         write_summary(out, rows, {**info, "lost_ranks": lost, "lost_reason": why, "not_finished": not_finished})
     close_logger(logger, failed=True)
     who = (f"process rank {', '.join(map(str, lost))}" if lost else "a process") + " of this batch was lost"

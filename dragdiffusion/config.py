@@ -62,6 +62,40 @@ class MethodName(Choice):
     gooddrag = "gooddrag"
     dragnoise = "dragnoise"
     freedrag = "freedrag"
+    fastdrag = "fastdrag"
+
+    @property
+    def optimizes(self) -> bool:
+        """Its drag is a fit (an optimizer), so the DragText switch ``text.optimize`` applies (FastDrag's is a warp)."""
+        return self is not MethodName.fastdrag
+
+
+TEXT_SUFFIX = "+text"  # method=gooddrag+text: the method with DragText (text.optimize=true)
+
+
+def split_method_name(name: str) -> tuple[str, bool]:
+    """("gooddrag", True) for "gooddrag+text"; ("gooddrag", False) for "gooddrag"."""
+    name = str(name)
+    return (name[:-len(TEXT_SUFFIX)], True) if name.endswith(TEXT_SUFFIX) else (name, False)
+
+
+def method_label(cfg) -> str:
+    """The name results go by: the method, with "+text" when DragText optimizes its text embedding too (summaries,
+    evaluation tables, trajectory.json, the folders of a ``methods=[...]`` batch)."""
+    name = str(cfg.get("method", MethodName.dragdiffusion.value))
+    text = cfg.get("text", None)
+    on = text is not None and bool(text.get("optimize", False))
+    return name + TEXT_SUFFIX if on and MethodName(name).optimizes else name
+
+
+def check_method_names(names, key: str = "methods") -> None:
+    """Each a known method, optionally with "+text" (only for a method that optimizes), no repeats."""
+    known = [m.value for m in MethodName]
+    bad = [n for n in names if split_method_name(n)[0] not in known
+           or (split_method_name(n)[1] and not MethodName(split_method_name(n)[0]).optimizes)]
+    check(not bad and len(set(names)) == len(names), key, list(names),
+          f"distinct method names from {known}, each optionally with {TEXT_SUFFIX} (DragText) except fastdrag "
+          "(no optimizer)")
 
 
 class WeightDtype(Choice):
@@ -105,6 +139,11 @@ class Normalize(Choice):
     diagonal = "diagonal"
 
 
+class FillMode(Choice):
+    interpolation = "interpolation"  # vectorized: the holes from the cells filled before the fill
+    sequential = "sequential"  # FastDrag's code: hole by hole in raster order, in place (slower)
+
+
 class LpipsNet(Choice):
     alex = "alex"
     vgg = "vgg"
@@ -116,6 +155,9 @@ class ModelConfig:
     # hub id, local diffusers folder, single-file checkpoint (.safetensors/.ckpt), or "tiny"
     name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     vae: Optional[str] = None  # optional separate VAE (hub id or folder), e.g. stabilityai/sd-vae-ft-mse
+    # optional UNet from another folder or hub id (its config.json, or a pipeline's unet/ subfolder) beside the base
+    # model's text encoder(s) and VAE, e.g. FastDrag's LCM-distilled UNet: SimianLuo/LCM_Dreamshaper_v7
+    unet: Optional[str] = None
     single_file_config: Optional[str] = None  # diffusers folder/hub id giving the layout of a single-file checkpoint
     dtype: WeightDtype = WeightDtype.auto  # frozen weights (dragdiffusion.policy decides "auto")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -184,6 +226,8 @@ class DragConfig:
         check(self.width >= 64 and self.width % 8 == 0, "drag.width", self.width, "a multiple of 8, at least 64")
         check(0.0 < self.inversion_strength <= 1.0, "drag.inversion_strength", self.inversion_strength,
               "a number in (0, 1]")
+        check(round(self.num_inference_steps * self.inversion_strength) >= 1, "drag.inversion_strength",
+              self.inversion_strength, f"at least one inverted step: round({self.num_inference_steps} x strength) >= 1")
         check(self.num_inference_steps >= 1, "drag.num_inference_steps", self.num_inference_steps, "a positive integer")
         check(self.n_pix_step >= 0, "drag.n_pix_step", self.n_pix_step, "a non-negative integer")
         check(self.lr > 0, "drag.lr", self.lr, "a positive number")
@@ -230,7 +274,7 @@ class FreeDragConfig:
     """FreeDrag (``method=freedrag``): feature templates, line search along the drag, no point tracking."""
     win_r: int = 4  # template window radius (a 9 x 9 window of offsets)
     l_expected: float = 1.0  # l: the expected template distance of a good move
-    threshold_d: float = 2.0  # a point is done within this many grid cells of its target (and loss_end <= l / 2)
+    threshold_d: float = 2.0  # a point is done closer than this many grid cells to its target (and loss_end <= l / 2)
     d_max: float = 5.0  # the longest move (grid cells)
     candidates: int = 10  # line-search candidates per move
     steps_per_move: int = 5  # Adam steps per move at most
@@ -244,6 +288,34 @@ class FreeDragConfig:
         check(self.candidates >= 1, "freedrag.candidates", self.candidates, "a positive integer")
         check(self.steps_per_move >= 1, "freedrag.steps_per_move", self.steps_per_move, "a positive integer")
         check(self.max_step >= 1, "freedrag.max_step", self.max_step, "a positive integer")
+
+
+@dataclass
+class FastDragConfig:
+    """FastDrag (``method=fastdrag``): one latent warp, a fill of its holes, the inversion's keys and values in the
+    denoising (its preset: 10 DDIM steps, strength 0.7, no LoRA)."""
+    fill: FillMode = FillMode.interpolation  # interpolation (vectorized) | sequential (the reference's, slower)
+    kv_layers: list[str] = field(default_factory=lambda: ["up_blocks"])  # self-attention under these names
+
+    def __post_init__(self):
+        check(len(self.kv_layers) > 0, "fastdrag.kv_layers", list(self.kv_layers),
+              "a non-empty list of module-name prefixes, e.g. [up_blocks]")
+
+
+@dataclass
+class TextConfig:
+    """DragText (Choi et al., WACV 2025): the prompt's text embedding is optimized beside the method's variable and
+    the edited branch is denoised with it (every method with an optimizer; off by default)."""
+    optimize: bool = False
+    lr: float = 0.004  # its own Adam learning rate (a parameter group beside the latent's)
+    lam: float = 0.1  # weight of sum |c - c_orig| over the start and prompt tokens
+    # false (DragText's code): the embedding's gradient is the motion term's + the regularizer's (a second
+    # backward when a mask term exists); true: it also takes the mask term's gradient (one backward, cheaper)
+    mask_term: bool = False
+
+    def __post_init__(self):
+        check(self.lr > 0, "text.lr", self.lr, "a positive number")
+        check(self.lam >= 0, "text.lam", self.lam, "a non-negative number")
 
 
 @dataclass
@@ -345,6 +417,8 @@ class EditConfig:
     gooddrag: GoodDragConfig = field(default_factory=GoodDragConfig)
     dragnoise: DragNoiseConfig = field(default_factory=DragNoiseConfig)
     freedrag: FreeDragConfig = field(default_factory=FreeDragConfig)
+    fastdrag: FastDragConfig = field(default_factory=FastDragConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     reference: ReferenceControlConfig = field(default_factory=ReferenceControlConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -364,16 +438,15 @@ class EditConfig:
     lora_dir: Optional[str] = None  # data=DIR with lora.enabled: reuse <lora_dir>/<sample>/pytorch_lora_weights.safetensors
     seed: int = 42
     quiet: bool = False
-    methods: list[str] = field(default_factory=list)  # data=DIR: run the batch once per method, into <out>/<method>/
+    # data=DIR: run the batch once per method (a name, or NAME+text for DragText), into <out>/<method>/
+    methods: list[str] = field(default_factory=list)
     evaluate: bool = False  # after a data=DIR batch run, evaluate the results (DragBench MD / IF)
     evaluate_overrides: list[str] = field(default_factory=list)  # key=value items for the evaluation's config
 
     def __post_init__(self):
         check(not self.evaluate or bool(self.data), "evaluate", self.evaluate,
               "evaluate=true only with a batch run: data=DIR")
-        names = [m.value for m in MethodName]
-        check(all(str(m) in names for m in self.methods) and len(set(self.methods)) == len(self.methods), "methods",
-              list(self.methods), f"a list of distinct method names from {names}")
+        check_method_names([str(m) for m in self.methods])
         check(not self.methods or bool(self.data), "methods", list(self.methods),
               "methods=[...] only with a batch run: data=DIR (one edit takes method=NAME)")
 
@@ -529,11 +602,18 @@ def _preset_items(file: Path) -> dict[str, Any]:
 def _select_method(cfg: DictConfig, base: DictConfig, name: str) -> DictConfig:
     """``method=NAME``: a method preset (configs/method/NAME.yaml) sets keys of several sections (lora.steps,
     drag.lr ...). Like a group choice it starts again from the defaults, here of every key that any method preset
-    sets, then takes its own values; keys a schema lacks (train.py has no drag section) are skipped."""
+    sets (and ``text.optimize``), then takes its own values; keys a schema lacks (train.py has no drag section) are
+    skipped. ``method=NAME+text`` is NAME with DragText (``text.optimize=true``)."""
+    name, text = split_method_name(name)
+    if text and name in [m.value for m in MethodName] and not MethodName(name).optimizes:
+        raise ConfigError(f"method={name}{TEXT_SUFFIX}: {name} has no optimizer, so DragText (text.optimize) does not "
+                          f"apply; expected method={name}")
     own = _preset_items(preset_file(METHOD_GROUP, name))
+    if text:
+        own["text.optimize"] = True
     known = set(leaf_keys(base))
     for other in sorted((CONFIG_DIR / METHOD_GROUP).glob("*.yaml")):
-        for key in _preset_items(other):
+        for key in [*_preset_items(other), "text.optimize"]:
             if key in known:
                 OmegaConf.update(cfg, key, OmegaConf.select(base, key), merge=False)
     for key, value in own.items():

@@ -75,20 +75,23 @@ def ddim_inversion_step(scheduler, model_output: torch.Tensor, t_next: int, z: t
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
 
-def inversion_timesteps(scheduler, num_inference_steps: int, strength: float, rounding: str = "floor"
-                        ) -> tuple[list[int], list[int]]:
+def inverted_step_count(num_inference_steps: int, strength: float) -> int:
+    """How many DDIM steps the inversion takes: ``round(steps x strength)``, Python's round (half to even), as the
+    official codes of DragDiffusion, GoodDrag, DragNoise and FreeDrag compute it: 0.7 x 50 = 35, 0.75 x 50 = 37.5 ->
+    38, 0.55 x 50 = 27.500000000000004 -> 28, 0.65 x 50 = 32.5 -> 32, 0.75 x 30 = 22.5 -> 22."""
+    return int(round(num_inference_steps * strength))
+
+
+def inversion_timesteps(scheduler, num_inference_steps: int, strength: float) -> tuple[list[int], list[int]]:
     """(inversion timesteps ascending, denoising timesteps descending) for ``strength``.
 
     With 50 steps and strength 0.7: inversion 1, 21, ..., 681 (35 steps); denoising 681, 661, ..., 1. Strength 0.75:
-    38 steps, from t = 741. ``rounding``: the number of inverted steps is int(steps x strength) ("floor",
-    DragDiffusion's) or rounded half up ("round", GoodDrag's: 0.75 x 50 = 37.5 -> 38).
+    38 steps, from t = 741. The number of inverted steps is ``inverted_step_count``.
     """
     scheduler.set_timesteps(num_inference_steps)
-    if rounding not in ("floor", "round"):
-        raise ValueError(f"rounding={rounding!r}: expected floor or round")
-    n = int(num_inference_steps * strength + (0.5 if rounding == "round" else 0.0))
+    n = inverted_step_count(num_inference_steps, strength)
     descending = [int(t) for t in scheduler.timesteps]
-    denoise = descending[len(descending) - n:]
+    denoise = descending[len(descending) - n:] if n > 0 else []
     return list(reversed(denoise)), denoise
 
 
@@ -107,10 +110,14 @@ def guided_eps(unet_fn: Callable, z: torch.Tensor, t: int, cond: torch.Tensor, u
 
 @torch.no_grad()
 def ddim_invert(unet_fn: Callable, scheduler, z0: torch.Tensor, cond: torch.Tensor, timesteps: list[int],
-                uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-    """Invert the clean latent ``z0`` through ``timesteps`` (ascending); returns z at the last one."""
+                uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Invert the clean latent ``z0`` through ``timesteps`` (ascending); returns z at the last one. ``on_step(i, t)``
+    is called before the UNet call of each step (t: the timestep the UNet is evaluated at)."""
     z = z0
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
+        if on_step is not None:
+            on_step(i, t)
         eps = guided_eps(unet_fn, z, t, cond, uncond, guidance_scale)
         z = ddim_inversion_step(scheduler, eps, t, z)
     return z

@@ -23,10 +23,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from .conditioning import Conditioning
 from .data.datamodule import StepIndices
 from .ddim import ddim_step
 from .features import replace_mid_block, unet_eps_and_features
 from .motion import handle_distances, motion_supervision_loss
+
+
+TEXT_SERIES = ("text_loss", "text_shift")  # DragText's per-iteration records (not loss terms of the drag variable)
 
 
 def cfg_feature_weight(guidance_scale: float) -> float:
@@ -88,6 +92,30 @@ class DragCallback(L.Callback):
     def loss_terms(self, module: "DragEditModule", step: DragStep) -> dict[str, torch.Tensor]:
         return {}
 
+    def wants_text_step(self, module: "DragEditModule", step: DragStep) -> bool:
+        """With DragText on: whether this iteration also updates the text embedding (FreeDrag: not always)."""
+        return True
+
+
+@dataclass
+class TextOptimization:
+    """DragText for one fit (``text.*``): the prompt's embedding is a second parameter (its own Adam learning rate,
+    a parameter group beside the drag variable's), regularized by ``lam`` x sum |c - c_orig| over ``tokens`` (the
+    start token and the prompt's tokens, [77] bool); its gradient is the motion term's + the regularizer's (and the
+    mask term's with ``mask_term``)."""
+    lr: float
+    lam: float
+    tokens: torch.Tensor
+    mask_term: bool = False
+
+
+@dataclass
+class PendingTextStep:
+    """What ``backward`` needs for the text embedding's part of one iteration."""
+    regularizer: torch.Tensor
+    text_loss: torch.Tensor  # motion term + regularizer (+ mask term with text.mask_term)
+    together: bool  # one backward of (loss + regularizer) gives both gradients (no other term in the loss)
+
 
 class DragEditModule(L.LightningModule):
     """Optimizes z_t so that the UNet features at each handle move toward its target.
@@ -112,13 +140,19 @@ class DragEditModule(L.LightningModule):
         bottleneck: optimize the UNet's bottleneck instead of the latent (DragNoise): this tensor, the output of
             ``unet.mid_block`` for ``z_t``, replaces the mid block's output in every forward and is the only
             parameter; ``z_t`` stays fixed (the down path and the skip connections are z_t's).
+        max_steps: the fit's optimizer-step budget (default ``drag.n_pix_step``): the dataloader holds that many
+            steps, so a Trainer with ``max_steps`` above ``drag.n_pix_step`` (FreeDrag's 300) runs to its budget.
+        text: DragText (``TextOptimization``): the prompt's embedding (the conditional row of ``cond``, starting
+            from it at every fit) is optimized too; its gradient never reaches the drag variable's and the drag
+            variable's never reaches it (``backward``). None (default): the fit is exactly the method's own.
     """
 
     def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None,
                  guidance_scale: float = 1.0, patch_as_reference: bool = False,
                  handles_init: torch.Tensor | None = None, motion_loss=None, step_offset: int = 0,
-                 bottleneck: torch.Tensor | None = None):
+                 bottleneck: torch.Tensor | None = None, max_steps: int | None = None,
+                 text: TextOptimization | None = None):
         super().__init__()
         if guidance_scale > 1 and cond.shape[0] != 2:
             raise ValueError("guidance_scale > 1 needs cond = [uncond, cond] (2 rows), got "
@@ -146,8 +180,18 @@ class DragEditModule(L.LightningModule):
         self.register_buffer("handles", handles.detach().clone().float(), persistent=False)
         self.register_buffer("targets", targets.detach().clone().float(), persistent=False)
         self.register_buffer("mask_latent", None if mask_latent is None else mask_latent.float(), persistent=False)
+        self.text = text
+        self.text_embedding = None
+        self._pending_text: PendingTextStep | None = None
+        if text is not None:  # the conditional row (the last: guidance puts [uncond, cond])
+            hidden = cond.hidden if isinstance(cond, Conditioning) else cond
+            self.text_embedding = torch.nn.Parameter(hidden[-1:].detach().clone().float())
+            self.register_buffer("text_original", hidden[-1:].detach().clone().float(), persistent=False)
+            self.register_buffer("text_tokens", text.tokens.to(hidden.device).float()[None, :, None],
+                                 persistent=False)
         self.motion_loss = motion_loss
         self.step_offset = int(step_offset)
+        self.max_steps = int(drag.n_pix_step if max_steps is None else max_steps)
         self.reached = False
         self.stop_step: int | None = None
         # per iteration (tensors during the fit, numbers after it): handles (row, col) and every loss term
@@ -156,8 +200,19 @@ class DragEditModule(L.LightningModule):
     # ------------------------------------------------------------------ the UNet as a function of z
     def eps_and_features(self, z: torch.Tensor, need_eps: bool = True):
         """(eps, features [C, gh, gw]) for one latent; the feature grid of the configured up_blocks."""
-        return guided_eps_and_features(self.unet, z, self.t, self.cond, list(self.drag.feature_blocks), self.grid_hw,
-                                       self.guidance_scale, self.bottleneck, need_eps)
+        return guided_eps_and_features(self.unet, z, self.t, self.condition(), list(self.drag.feature_blocks),
+                                       self.grid_hw, self.guidance_scale, self.bottleneck, need_eps)
+
+    def condition(self):
+        """What the UNet is conditioned on: ``cond``, or with DragText ``cond`` whose conditional row is the
+        optimized embedding (in the embedding's dtype, with its gradient)."""
+        if self.text_embedding is None:
+            return self.cond
+        hidden = self.cond.hidden if isinstance(self.cond, Conditioning) else self.cond
+        c = self.text_embedding.to(hidden.dtype)
+        if hidden.shape[0] > 1:
+            c = torch.cat([hidden[:-1], c])
+        return Conditioning(c, self.cond.added) if isinstance(self.cond, Conditioning) else c
 
     def x_prev(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The deterministic DDIM step z_t -> z_{t - 1000/steps}."""
@@ -195,7 +250,9 @@ class DragEditModule(L.LightningModule):
         for callback in callbacks:
             terms.update(callback.loss_terms(self, step))
         loss = sum(terms.values())
-        for name in set(self.history) - {"handles", "loss"} - set(terms):
+        if self.text_embedding is not None:
+            self.text_step(step, callbacks, motion, loss, together=self.text.mask_term or set(terms) == {"motion_loss"})
+        for name in set(self.history) - {"handles", "loss", *TEXT_SERIES} - set(terms):
             terms[name] = loss.new_zeros(())  # a term that is off this run (e.g. no mask) is recorded as 0
         for name, value in terms.items():
             self.history.setdefault(name, []).append(value.detach())
@@ -204,6 +261,39 @@ class DragEditModule(L.LightningModule):
             self.log_dict({f"drag/{name}": value for name, value in terms.items()} | {"drag/loss": loss},
                           on_step=True, prog_bar=True)
         return loss
+
+    def text_step(self, step: DragStep, callbacks, motion: torch.Tensor, loss: torch.Tensor, together: bool) -> None:
+        """DragText's part of an iteration: the regularizer lam x sum |c - c_orig| over the start and prompt tokens,
+        recorded (``text_loss``, and ``text_shift`` = |c - c_orig|, L2) and, when every DragCallback wants a text step
+        now, kept for ``backward``."""
+        diff = self.text_embedding - self.text_original
+        regularizer = self.text.lam * (diff.abs() * self.text_tokens).sum()
+        shift = diff.detach().norm()
+        self.history.setdefault("text_loss", []).append(regularizer.detach())
+        self.history.setdefault("text_shift", []).append(shift)
+        if self.listening():
+            self.log_dict({"drag/text_loss": regularizer.detach(), "drag/text_shift": shift}, on_step=True)
+        if all(c.wants_text_step(self, step) for c in callbacks):
+            text_loss = (loss if self.text.mask_term else motion) + regularizer
+            self._pending_text = PendingTextStep(regularizer, text_loss, together)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Lightning's backward (``loss`` already scaled under fp16). With DragText: the drag variable's gradient is
+        the loss's alone and the text embedding's that of motion + regularizer (one backward when the loss has no
+        other term, else two over the same graph, never mixing); no text step: the embedding gets no gradient."""
+        pending, self._pending_text = self._pending_text, None
+        if self.text_embedding is None:
+            return super().backward(loss, *args, **kwargs)
+        variable = self.z_t if self.bottleneck is None else self.bottleneck
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = (lambda x: x) if scaler is None else scaler.scale  # the latent's GradScaler, shared
+        if pending is None:
+            loss.backward(*args, inputs=[variable], **kwargs)
+        elif pending.together:
+            (loss + scale(pending.regularizer)).backward(*args, **kwargs)
+        else:
+            loss.backward(*args, inputs=[variable], retain_graph=True, **kwargs)
+            scale(pending.text_loss).backward(inputs=[self.text_embedding])
 
     def listening(self) -> bool:
         """Whether a logger or a progress bar reads the logged values (logging then costs a host sync per step;
@@ -221,10 +311,14 @@ class DragEditModule(L.LightningModule):
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
         variable = self.z_t if self.bottleneck is None else self.bottleneck
         fused = {"fused": True} if variable.is_cuda and name != "sgd" else {}  # one kernel per step on a GPU
-        return cls([variable], lr=self.drag.lr, **fused)
+        if self.text_embedding is None:
+            return cls([variable], lr=self.drag.lr, **fused)
+        # DragText: the embedding is its own parameter group (Adam is per parameter: the same as its own optimizer)
+        return cls([{"params": [variable]}, {"params": [self.text_embedding], "lr": float(self.text.lr)}],
+                   lr=self.drag.lr, **fused)
 
     def train_dataloader(self):
-        return DataLoader(StepIndices(max(1, self.drag.n_pix_step)), batch_size=1)
+        return DataLoader(StepIndices(max(1, self.max_steps)), batch_size=1)  # one epoch = the fit's whole budget
 
     # ------------------------------------------------------------------ results
     def edited_latent(self) -> torch.Tensor:
@@ -232,3 +326,14 @@ class DragEditModule(L.LightningModule):
 
     def edited_bottleneck(self) -> torch.Tensor | None:
         return None if self.bottleneck is None else self.bottleneck.detach().clone()
+
+    def edited_condition(self):
+        """DragText's optimized condition for the edited branch (one row, as ``cond``'s conditional row: a tensor,
+        or a ``Conditioning`` with the same added conditioning), or None without DragText."""
+        if self.text_embedding is None:
+            return None
+        hidden = self.cond.hidden if isinstance(self.cond, Conditioning) else self.cond
+        c = self.text_embedding.detach().clone().to(hidden.dtype)
+        if isinstance(self.cond, Conditioning):
+            return Conditioning(c, self.cond.chunk(self.cond.shape[0])[-1].added)
+        return c

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,21 +22,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .console import quiet_lightning
-from .attention import StepWindow, classic_attention, controlled_layer_names, reference_control
-from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone,
+from .attention import InversionKV, StepWindow, classic_attention, controlled_layer_names, inversion_kv, reference_control
+from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone, prompt_token_mask,
                        unet_gradient_checkpointing)
 from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
-from .config import EditConfig, load_config, to_yaml
+from .config import EditConfig, load_config, method_label, to_yaml
 from .data.convert import write_folder_sample
 from .ddim import ddim_denoise, ddim_invert, ddim_step, guided_eps, inversion_timesteps
-from .drag import DragEditModule, guided_eps_and_features
+from .drag import DragEditModule, TextOptimization, guided_eps_and_features
 from .errors import ConfigError, SampleError
 from .generated import GeneratedImage, sample_image
 from .images import latent_mask, to_model_input, to_uint8
 from .io import save_json, save_png, save_text
 from .loggers import TrajectoryLogger, log_edit_result, log_lora_artifact, lora_callbacks
 from .features import StepGatedBottleneck, mid_block_output
-from .methods import DragDiffusionMethod, DragMethod, DragParts, DragStepContext, UndraggedStep, make_method
+from .methods import (DragDiffusionMethod, DragMethod, DragParts, DragStepContext, TransformInput, TransformStep,
+                      UndraggedStep, make_method)
 from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
 from .policy import DevicePolicy
 from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, make_sample, pixels_to_grid, working_size
@@ -87,6 +89,7 @@ class DragStart:
     drag_guidance: float = 1.0  # guidance of the drag's features (a generated image's; 1 for real images)
     lora_file: str | None = None
     seconds: dict = field(default_factory=dict)
+    kv: InversionKV | None = None  # the inversion's self-attention keys and values (FastDrag), freed after the edit
 
     @property
     def drag_cond(self) -> torch.Tensor:
@@ -169,16 +172,22 @@ class DragEditor:
         d = self.cfg.drag
         work_hw = working_size(sample.width, sample.height, d.width)[::-1]
         sched = self.backbone.scheduler
-        inv_ts, denoise_ts = inversion_timesteps(sched, d.num_inference_steps, d.inversion_strength,
-                                                 make_method(self.cfg).inversion_rounding)
+        inv_ts, denoise_ts = inversion_timesteps(sched, d.num_inference_steps, d.inversion_strength)
         cond = encode_condition(self.backbone, sample.prompt, work_hw)
         uncond = encode_condition(self.backbone, "", work_hw) if d.guidance_scale > 1 else None
         z0 = encode_image(self.backbone, to_model_input(sample.image, work_hw).to(self.device))
+        kv = InversionKV() if make_method(self.cfg).inversion_kv else None
         # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
-        with classic_attention(self.backbone.unet, self.classic_attention_needed()):
-            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts)
+        with self.drag_attention(), self.recording_kv(kv):  # the reference's inversion: the attention of its drag
+            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts, on_step=None if kv is None else (lambda i, t: kv.at(t)))
         return DragStart(z_t, int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps), tuple(work_hw),
-                         cond, uncond, float(d.guidance_scale))
+                         cond, uncond, float(d.guidance_scale), kv=kv)
+
+    def recording_kv(self, kv: InversionKV | None):
+        """Record the self-attention keys and values of ``fastdrag.kv_layers`` into ``kv`` (nothing when None)."""
+        if kv is None:
+            return nullcontext()
+        return inversion_kv(self.backbone.unet, list(self.cfg.fastdrag.kv_layers), kv, recording=True)
 
     def generate(self, prompt: str | None = None) -> GeneratedImage:
         """Sample an image from ``prompt`` (``generation.*``), keeping the latent at the drag timestep."""
@@ -196,15 +205,23 @@ class DragEditor:
         cond = encode_condition(self.backbone, generated.prompt, size_hw)
         uncond = encode_condition(self.backbone, generated.negative_prompt, size_hw)
         s = float(generated.guidance_scale)
-        return DragStart(generated.z_t.to(self.device), generated.t, list(generated.timesteps), generated.steps,
-                         (generated.height, generated.width), cond, uncond if s > 1 else None, s, s)
+        start = DragStart(generated.z_t.to(self.device), generated.t, list(generated.timesteps), generated.steps,
+                          (generated.height, generated.width), cond, uncond if s > 1 else None, s, s)
+        if make_method(self.cfg).inversion_kv:  # no inversion: the sampler's own way from z_t down gives them
+            start.kv = InversionKV()
+            with torch.no_grad(), self.recording_kv(start.kv):
+                self.backbone.scheduler.set_timesteps(start.steps)
+                ddim_denoise(self.unet_fn(), self.backbone.scheduler, start.z_t.float(), cond, start.timesteps,
+                             start.uncond, s, lambda i, t: start.kv.at(t))
+        return start
 
     # ---------------------------------------------------------------- stage 3: the drag
     def drag(self, sample: DragSample, start: DragStart, callbacks=(), logger=False) -> DragEditModule:
         """DragDiffusion's drag: optimize ``start.z_t`` at ``start.t`` (the method's first drag step)."""
         method = DragDiffusionMethod(self.cfg)
         ctx = DragStepContext(0, start.t, None)
-        return self.drag_step(sample, start, ctx, start.z_t, method.drag_parts(ctx), callbacks, logger)
+        with self.drag_attention():
+            return self.drag_step(sample, start, ctx, start.z_t, method.drag_parts(ctx), callbacks, logger)
 
     def drag_geometry(self, sample: DragSample, start: DragStart):
         """(grid size, handles, targets (row, col) on the grid, the mask at the latent size or None)."""
@@ -232,19 +249,29 @@ class DragEditor:
         module = DragEditModule(self.backbone.unet, self.backbone.scheduler, z, ctx.t, start.drag_cond,
                                 handles, targets_rc, grid_hw, d, mask_latent, guidance_scale=start.drag_guidance,
                                 patch_as_reference=bool(self.cfg.reference.exact), handles_init=handles_rc,
-                                motion_loss=parts.motion_loss, step_offset=offset, bottleneck=parts.bottleneck)
+                                motion_loss=parts.motion_loss, step_offset=offset, bottleneck=parts.bottleneck,
+                                max_steps=parts.max_steps, text=self.text_optimization(sample))
         module.image_hw = (sample.height, sample.width)  # input pixels: the early-stop line (console.stop_rule)
         cbs = self.logging_callbacks(sample, callbacks, logger) + list(parts.callbacks)
         if parts.max_steps > 0:
             tc = self.cfg.trainer
             trainer = self.policy.trainer(parts.max_steps, cbs, logger or False, bool(self.cfg.quiet),
                                           bool(tc.enable_progress_bar), int(tc.log_every_n_steps), stage="drag")
-            with warnings.catch_warnings(), classic_attention(self.backbone.unet, self.classic_attention_needed()), \
+            with warnings.catch_warnings(), \
                     unet_gradient_checkpointing(self.backbone.unet, self.gradient_checkpointing()):
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
                                                   "`training_step` returned `None`|TPU available).*")
                 trainer.fit(module)
         return module
+
+    def text_optimization(self, sample: DragSample) -> TextOptimization | None:
+        """DragText's settings for a fit (``text.optimize``), or None (off, the default: the fit is the method's
+        own). Every fit starts from the original embedding (GoodDrag's code re-makes it at every drag step)."""
+        t = self.cfg.get("text")
+        if t is None or not bool(t.optimize):
+            return None
+        return TextOptimization(float(t.lr), float(t.lam), prompt_token_mask(self.backbone, sample.prompt),
+                                bool(t.mask_term))
 
     @torch.no_grad()
     def undragged_step(self, start: DragStart, t: int, z_orig: torch.Tensor) -> UndraggedStep:
@@ -268,9 +295,11 @@ class DragEditor:
         return out[-1:]  # with guidance: the conditional row (the same tensor replaces both rows)
 
     @torch.no_grad()
-    def plain_step(self, start: DragStart, t: int, z: torch.Tensor) -> torch.Tensor:
-        """One DDIM step of one latent without control (the edited branch between two drag steps)."""
-        eps = guided_eps(self.unet_fn(), z.float(), t, start.cond, start.uncond, start.guidance_scale)
+    def plain_step(self, start: DragStart, t: int, z: torch.Tensor, cond=None) -> torch.Tensor:
+        """One DDIM step of one latent without control (the edited branch between two drag steps), conditioned on
+        ``cond`` (DragText's edited embedding) or the start's."""
+        cond = start.cond if cond is None else cond
+        eps = guided_eps(self.unet_fn(), z.float(), t, cond, start.uncond, start.guidance_scale)
         return ddim_step(self.backbone.scheduler, eps, t, z.float())
 
     def drag_along_spine(self, sample: DragSample, start: DragStart, callbacks=(), logger=False):
@@ -280,24 +309,46 @@ class DragEditor:
         z_orig, z_edit = start.z_t, start.z_t
         modules: list[DragEditModule] = []
         i = 0
-        while i < len(start.timesteps) and method.wants_drag(i):
-            t = int(start.timesteps[i])
-            undragged = self.undragged_step(start, t, z_orig) if method.needs_undragged else None
-            bottleneck = self.bottleneck_of(start, t, z_edit) if method.needs_bottleneck else None
-            ctx = DragStepContext(i, t, undragged, bottleneck)
-            module = self.drag_step(sample, start, ctx, z_edit, method.drag_parts(ctx), callbacks, logger,
-                                    previous=modules[-1] if modules else None)
-            modules.append(module)
-            method.after_drag(module)
-            z_edit = module.edited_latent()
-            if method.control_from_drag_step or not module.history["loss"] or i + 1 == len(start.timesteps):
-                break  # the denoising goes on from this step with control
-            # a step with dragging: both branches take a plain DDIM step (no control while dragging)
-            self.backbone.scheduler.set_timesteps(start.steps)
-            z_orig = undragged.x_prev if undragged is not None else self.plain_step(start, t, z_orig)
-            z_edit = self.plain_step(start, t, z_edit)
-            i += 1
+        with self.drag_attention():  # every forward of the drag steps on one attention (reference.exact)
+            while i < len(start.timesteps) and method.wants_drag(i):
+                t = int(start.timesteps[i])
+                undragged = self.undragged_step(start, t, z_orig) if method.needs_undragged else None
+                bottleneck = self.bottleneck_of(start, t, z_edit) if method.needs_bottleneck else None
+                ctx = DragStepContext(i, t, undragged, bottleneck)
+                parts = method.drag_parts(ctx)
+                if parts.transform is not None:  # a drag that is a latent transform (FastDrag), no fit
+                    module = self.transform_step(sample, start, ctx, z_edit, parts)
+                else:
+                    module = self.drag_step(sample, start, ctx, z_edit, parts, callbacks, logger,
+                                            previous=modules[-1] if modules else None)
+                modules.append(module)
+                method.after_drag(module)
+                z_edit = module.edited_latent()
+                if method.control_from_drag_step:
+                    break  # the denoising goes on from this step with control
+                # a step that was entered to drag (even one that stopped at its first forward, as GoodDrag's code):
+                # both branches take a plain DDIM step, no control; the control starts at the next step
+                self.backbone.scheduler.set_timesteps(start.steps)
+                z_orig = undragged.x_prev if undragged is not None else self.plain_step(start, t, z_orig)
+                z_edit = self.plain_step(start, t, z_edit, module.edited_condition())
+                i += 1
         return z_orig, z_edit, i, modules, method
+
+    def transform_step(self, sample: DragSample, start: DragStart, ctx: DragStepContext, z: torch.Tensor,
+                       parts: DragParts) -> TransformStep:
+        """One drag step that is a latent transform (``parts.transform``: FastDrag's warp): no Trainer, no gradient."""
+        grid_hw, handles_rc, _, _ = self.drag_geometry(sample, start)
+        given = TransformInput(sample.handles, sample.targets, sample.mask if sample.has_mask else None,
+                               (sample.height, sample.width), grid_hw, handles_rc)
+        with torch.no_grad():
+            return parts.transform(z, given, ctx.t)
+
+    def drag_attention(self):
+        """The attention of every forward of the drag steps (the drag, the undragged branch, the plain steps, the
+        bottleneck): diffusers' classic processor with ``reference.exact`` and no LoRA, as the inversion; else the
+        backbone's own. Two forwards that must agree (GoodDrag's undragged x_prev0(t) and the drag's first x_prev)
+        then run the same kernels and give the same bits."""
+        return classic_attention(self.backbone.unet, self.classic_attention_needed())
 
     def gradient_checkpointing(self) -> bool:
         """``model.gradient_checkpointing``: the UNet recomputes activations in the drag's (and the LoRA's) backward."""
@@ -326,44 +377,61 @@ class DragEditor:
         method = method or DragDiffusionMethod(self.cfg)
         r = self.cfg.reference
         timesteps = start.timesteps[from_step:]
+        edited_cond = modules[-1].edited_condition() if modules else None  # DragText: the edited branch's own
+        cond = start.cond
         if method.reference_control:
             z = torch.cat([start.z_t if z_orig is None else z_orig, z_edit]).float()
+            if edited_cond is not None:  # [original, edited] conditioned on [c_orig, c_optimized]
+                cond = cond_cat([start.cond, edited_cond])
         else:
             z = z_edit.float()
+            cond = start.cond if edited_cond is None else edited_cond
         window = StepWindow(r.start_step, r.end_step)
         prefixes = list(r.layers) if r.enabled and method.reference_control else []
         gate = StepGatedBottleneck(method.denoise_bottleneck(list(modules)),
                                    method.denoise_bottleneck_steps(len(timesteps)))
+        kv = start.kv if method.inversion_kv else None
+        if method.inversion_kv and kv is None:
+            raise ValueError(f"method {method.name}: the denoising needs the inversion's keys and values "
+                             "(DragStart.kv), and this start has none")
 
         def on_step(i, t):
             window.step = i
             gate.step = i
+            if kv is not None:
+                kv.at(t)
 
         unet_fn = self.unet_fn()
-        if start.guidance_scale > 1 and start.uncond is not None:
+        if start.guidance_scale > 1 and start.uncond is not None and kv is None:
             # guidance batches [uncond rows, cond rows]: run each half alone so every forward keeps the
             # [original, edited] layout that the reference control expects
             plain = unet_fn
             unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), cond_chunk(c, 2))])
-        with reference_control(self.backbone.unet, prefixes, window), gate.installed(self.backbone.unet):
+        replaying = nullcontext() if kv is None else inversion_kv(self.backbone.unet, list(self.cfg.fastdrag.kv_layers),
+                                                                   kv, recording=False)
+        with reference_control(self.backbone.unet, prefixes, window), gate.installed(self.backbone.unet), replaying:
             self.backbone.scheduler.set_timesteps(start.steps)
-            return ddim_denoise(unet_fn, self.backbone.scheduler, z, start.cond, timesteps, start.uncond,
+            return ddim_denoise(unet_fn, self.backbone.scheduler, z, cond, timesteps, start.uncond,
                                 start.guidance_scale, on_step)
 
     # ---------------------------------------------------------------- the whole edit
     def run(self, sample: DragSample, start: DragStart, callbacks=(), logger=False) -> EditResult:
         """Drag from ``start``, denoise, decode at the input's size: the shared end of every edit."""
         seconds = dict(start.seconds)
-        tic = time.perf_counter()
-        z_orig, z_edit, from_step, modules, method = self.drag_along_spine(sample, start, callbacks, logger)
-        seconds["drag"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        z = self.denoise(start, z_edit, z_orig, from_step, method, modules)
-        image = to_uint8(decode_latent(self.backbone, z[-1:]), (sample.height, sample.width))
-        seconds["denoise"] = time.perf_counter() - tic
+        try:
+            tic = time.perf_counter()
+            z_orig, z_edit, from_step, modules, method = self.drag_along_spine(sample, start, callbacks, logger)
+            seconds["drag"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            z = self.denoise(start, z_edit, z_orig, from_step, method, modules)
+            image = to_uint8(decode_latent(self.backbone, z[-1:]), (sample.height, sample.width))
+            seconds["denoise"] = time.perf_counter() - tic
+        finally:
+            if start.kv is not None:  # the inversion's keys and values belong to this edit only
+                start.kv.clear()
         run = DragRun.of(modules, start, from_step)
         trajectory = edit_trajectory(run, sample, start, seconds)
-        trajectory["method"] = {"name": method.name, **method.settings()}
+        trajectory["method"] = {"name": method_label(self.cfg), **method.settings(), **text_settings(self.cfg, method)}
         trajectory.update(method.trajectory_extra())
         result = EditResult(image, trajectory, sample, seconds, start.z_t.detach(), z_edit.detach().clone())
         log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
@@ -398,6 +466,14 @@ class DragEditor:
         result.trajectory["generated"] = {"prompt": generated.prompt, "negative_prompt": generated.negative_prompt,
                                           "seed": generated.seed, "guidance_scale": float(generated.guidance_scale)}
         return result
+
+
+def text_settings(cfg, method: DragMethod) -> dict:
+    """DragText's settings for the trajectory (``{"text": {...}}`` when it optimized the embedding, else none)."""
+    t = cfg.get("text")
+    if t is None or not bool(t.optimize) or not method.optimizes:
+        return {}
+    return {"text": {"lr": float(t.lr), "lam": float(t.lam), "mask_term": bool(t.mask_term)}}
 
 
 def check_backbone_layers(cfg, unet) -> None:

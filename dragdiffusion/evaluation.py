@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbone import load_backbone
 from .batch import gather_rows, say
-from .config import CONFIG_DIR, EvaluateConfig, load_config, to_container
+from .config import (CONFIG_DIR, TEXT_SUFFIX, EvaluateConfig, load_config, method_label, split_method_name,
+                     to_container)
 from .data.datamodule import ShardSampler, as_list
 from .data.readers import LAYOUTS_HELP, find_samples, read_sample
 from .errors import ConfigError, DragError, ModelLoadError
@@ -75,7 +76,7 @@ def method_name(saved: DictConfig | None) -> str:
     value = OmegaConf.select(saved, "method", default=None)
     if OmegaConf.is_config(value):
         value = value.get("name")
-    return str(value) if value else DEFAULT_METHOD
+    return method_label(saved) if value else DEFAULT_METHOD  # "gooddrag+text" with DragText
 
 
 def known_methods() -> set[str]:
@@ -90,9 +91,10 @@ def result_settings(saved: DictConfig | None, keys=METHOD_RESULT_KEYS) -> dict:
     if saved is None:
         return {}
     name = method_name(saved)
-    others = known_methods() - {name}
+    others = known_methods() - {split_method_name(name)[0]}
     out = {}
-    for key in dict.fromkeys(tuple(keys) + (name,)):
+    for key in dict.fromkeys(tuple(keys) + (split_method_name(name)[0],) + (("text",) if name.endswith(TEXT_SUFFIX)
+                                                                              else ())):
         if key.split(".")[0] in others:
             continue
         value = setting(saved, key)
@@ -182,7 +184,8 @@ class EvaluationItems(Dataset):
 def result_roots(results: Path) -> list[Path]:
     """Where the results of each sample are: ``results`` itself, or, when it holds one folder per method (a batch
     with ``methods=[...]``: ``<results>/<method>/<sample>/``), each of those method folders."""
-    per_method = [results / m for m in sorted(known_methods()) if (results / m).is_dir()]
+    per_method = sorted(p for p in results.iterdir() if p.is_dir() and split_method_name(p.name)[0] in known_methods()) \
+        if results.is_dir() else []
     return per_method or [results]
 
 

@@ -136,7 +136,7 @@ class FreeDragState:
 class FreeDragMoves(DragCallback):
     """FreeDrag's loop around the drag module's Adam steps. At the forward that starts a move (the first, and
     each one after a move ended), with that forward's features: the previous move's ``loss_end`` per point, which
-    points are done (within ``threshold_d`` of the target and loss_end <= l / 2), the template update
+    points are done (closer than ``threshold_d`` to the target, strictly, as FreeDrag's code, and loss_end <= l / 2), the template update
     T = w window + (1 - w) T (w = 1 for done points); stop when every point is done; else ``plan_moves``. A move
     ends after ``steps_per_move`` Adam steps, or after the step at which the largest per-point distance fell below
     l / 2. ``motion_loss`` is the differentiable term: sum over points of mean L1(window at the point, template).
@@ -166,7 +166,7 @@ class FreeDragMoves(DragCallback):
             w = torch.ones(n, device=feat.device)
         else:
             s.loss_end = template_distance(current, s.template)
-            close = (module.targets - step.handles).norm(dim=-1) <= k.threshold_d
+            close = (module.targets - step.handles).norm(dim=-1) < k.threshold_d  # FreeDrag's code: <
             s.done = close & (s.loss_end <= k.threshold_l)
             w = torch.where(s.done, torch.ones_like(s.loss_end), template_weight(s.loss_end, k))
             s.template = w[:, None, None] * current + (1 - w[:, None, None]) * s.template
@@ -187,6 +187,14 @@ class FreeDragMoves(DragCallback):
 
     def reached(self, module: DragEditModule, step: DragStep) -> bool:
         return self.state.done is not None and bool(self.state.done.all())
+
+    def wants_text_step(self, module: DragEditModule, step: DragStep) -> bool:
+        """DragText's FreeDrag: a text step only at the step whose largest per-point distance fell below l / 2 (the
+        step that ends the move: so at most once a move), and only when some point of the move was not rolled
+        back."""
+        s = self.state
+        return (s.per_point is not None and bool(s.moves) and float(s.per_point.max()) < self.k.threshold_l
+                and any(c != ROLL_BACK for c in s.moves[-1]["choices"]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         s = self.state

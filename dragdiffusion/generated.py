@@ -58,7 +58,8 @@ def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_st
                  prompt: str) -> GeneratedImage:
     """Sample an image from ``prompt`` with the ``generation`` settings (DDIM, eta 0, guidance
     ``generation.guidance_scale``) from pure noise; the latent at the first timestep of the last
-    ``int(steps * inversion_strength)`` steps is kept as ``z_t``. ``unet_fn(z, t, cond)`` predicts the noise."""
+    ``round(steps * inversion_strength)`` steps (``ddim.inverted_step_count``) is kept as ``z_t``.
+    ``unet_fn(z, t, cond)`` predicts the noise."""
     g = generation
     sched = backbone.scheduler
     _, denoise_ts = inversion_timesteps(sched, int(g.steps), float(inversion_strength))

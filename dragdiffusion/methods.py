@@ -8,14 +8,17 @@ without control) the edited latent alone.
 
 What a method says (no ``if method ==`` elsewhere):
 
-- ``wants_drag(i)``: whether to optimize at step i;
-- ``drag_parts(ctx)``: that step's fit: its optimizer-step budget, motion term, DragCallbacks, and the variable
-  (the latent, or DragNoise's bottleneck);
+- ``wants_drag(i)``: whether to drag at step i;
+- ``drag_parts(ctx)``: that step's drag, one of two kinds: a fit (its optimizer-step budget, motion term,
+  DragCallbacks, and the variable: the latent, or DragNoise's bottleneck), or a latent transform (``transform``:
+  FastDrag's warp, no optimizer at all);
 - ``after_drag(module)``: what the step's fit tells it;
 - class flags: ``control_from_drag_step`` (the step that dragged is itself denoised with control, as in
   DragDiffusion, or first takes a plain step, as in GoodDrag: no control while dragging), ``needs_undragged``
   (the undragged branch's F0(t) and x_prev0(t) at each drag step: one no-grad forward of the original latent,
-  which is also that branch's DDIM step), ``needs_bottleneck``, ``reference_control``, ``inversion_rounding``;
+  which is also that branch's DDIM step), ``needs_bottleneck``, ``reference_control``, ``inversion_kv`` (the
+  control of the denoising is the inversion's self-attention keys and values: FastDrag), ``optimizes`` (a fit:
+  the DragText switch ``text.optimize`` applies);
 - ``denoise_bottleneck`` / ``denoise_bottleneck_steps``: a bottleneck propagated through the denoising (DragNoise);
 - ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record.
 
@@ -23,7 +26,9 @@ DragDiffusion: drag at step 0 only (up to ``drag.n_pix_step`` iterations, F0 fro
 from step 0: exactly the single-timestep pipeline. GoodDrag: drag at steps 0 .. ``gooddrag.drag_end_step - 1``
 (30 optimizer steps at most each), information-preserving supervision and tracking against F0(t), control from
 the first step without dragging. DragNoise: DragDiffusion's loop on the bottleneck, propagated, no control.
-FreeDrag: one drag of template moves (freedrag.py), denoised as DragDiffusion.
+FreeDrag: one drag of template moves (freedrag.py), denoised as DragDiffusion. FastDrag: one latent warp at the
+drag timestep (fastdrag.py), then the edited latent alone, with the inversion's keys and values in the up blocks'
+self-attention.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 from .callbacks import DragStopState, GoodDragTracking, MaskRegularization, PointTracking
 from .config import MethodName
 from .drag import DragCallback
+from .fastdrag import FILLS, mask_cells, pixels_to_latent, warp_latent
 from .freedrag import FreeDragConstants, FreeDragMoves
 from .motion import preserving_motion_loss
 
@@ -56,13 +62,51 @@ class DragStepContext:
 
 
 @dataclass
+class TransformInput:
+    """What a latent transform gets besides the latent: the drag in input pixels and its grids."""
+    handles_xy: list  # input pixels (x, y)
+    targets_xy: list
+    mask: object  # H x W (1 = may change) or None
+    image_hw: tuple[int, int]
+    grid_hw: tuple[int, int]  # the supervision grid (the trajectory's coordinates)
+    handles_rc: torch.Tensor  # the handles on that grid (row, col), as a fit starts from
+
+
+@dataclass
 class DragParts:
-    """One drag step's fit: at most ``max_steps`` optimizer steps, the motion term (None: DragDiffusion's) and
-    the DragCallbacks (tracking, stop, extra terms)."""
+    """One drag step: a fit of at most ``max_steps`` optimizer steps with the motion term (None: DragDiffusion's)
+    and the DragCallbacks (tracking, stop, extra terms); or, with ``transform``, a latent transform
+    ``transform(z, TransformInput, t) -> TransformStep`` and no fit."""
     max_steps: int
     callbacks: list = field(default_factory=list)
     motion_loss: Callable | None = None
     bottleneck: torch.Tensor | None = None  # optimize this bottleneck instead of the latent (DragNoise)
+    transform: Callable | None = None  # a drag that is a latent transform (FastDrag)
+
+
+@dataclass
+class TransformStep:
+    """The record of a drag step that was a latent transform, with a drag module's record interface (``DragRun``
+    reads it as it reads a ``DragEditModule``): no iterations; ``history["handles"]`` holds the handles before and
+    after the transform (where it sent them, on the supervision grid)."""
+    t: int
+    z: torch.Tensor
+    handles: torch.Tensor  # [N, 2] (row, col) on the supervision grid, after the transform
+    grid_hw: tuple[int, int]
+    history: dict
+    record: dict = field(default_factory=dict)  # what trajectory.json keeps of the transform
+    reached: bool = False
+    stop_step: int | None = None
+    step_offset: int = 0
+
+    def edited_latent(self) -> torch.Tensor:
+        return self.z.detach().clone()
+
+    def edited_bottleneck(self) -> None:
+        return None
+
+    def edited_condition(self) -> None:
+        return None
 
 
 class DragMethod:
@@ -72,7 +116,8 @@ class DragMethod:
     needs_bottleneck = False  # the drag step wants the latent's UNet bottleneck (``DragStepContext.bottleneck``)
     reference_control = True  # the denoising after the drag: [original, edited] with control, or the edited alone
     control_from_drag_step = False  # True: the step that dragged is denoised with control (DragDiffusion)
-    inversion_rounding = "floor"  # inverted steps = int(steps x strength); "round": rounded half up
+    inversion_kv = False  # the inversion records self-attention keys/values that the denoising uses (FastDrag)
+    optimizes = True  # its drag is a fit: the DragText switch (text.optimize) applies
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -130,7 +175,6 @@ class GoodDragMethod(DragMethod):
     """Alternating drag and denoise (AlDD) over the first ``gooddrag.drag_end_step`` steps."""
     name = MethodName.gooddrag.value
     needs_undragged = True
-    inversion_rounding = "round"  # 0.75 x 50 = 37.5 -> 38 inverted steps: the edit starts at t = 741
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -237,8 +281,53 @@ class FreeDragMethod(DragMethod):
         return {"freedrag_moves": self.moves.state.moves}
 
 
+class FastDragMethod(DragMethod):
+    """FastDrag: one latent warp at the drag timestep (no LoRA, no optimizer: ``fastdrag.py``), then the edited latent
+    alone through the denoising, the up blocks' self-attention taking its keys and values from the inversion at the
+    same timestep (``attention.InversionKV``)."""
+    name = MethodName.fastdrag.value
+    control_from_drag_step = True
+    reference_control = False
+    inversion_kv = True
+    optimizes = False
+
+    def wants_drag(self, i: int) -> bool:
+        return i == 0
+
+    def drag_parts(self, ctx: DragStepContext) -> DragParts:
+        return DragParts(0, transform=self.warp)
+
+    def warp(self, z: torch.Tensor, given: TransformInput, t: int) -> TransformStep:
+        latent_hw = tuple(z.shape[-2:])
+        handles = pixels_to_latent(given.handles_xy, given.image_hw, latent_hw)
+        targets = pixels_to_latent(given.targets_xy, given.image_hw, latent_hw)
+        cells = mask_cells(None if given.mask is None else torch.as_tensor(given.mask), latent_hw)
+        warp = warp_latent(z.float(), cells, handles, targets)
+        fill = FILLS[str(self.cfg.fastdrag.fill)]
+        z_new = fill(warp.z, warp.holes, fallback=z.float())
+        scale = torch.tensor([given.grid_hw[0] / latent_hw[0], given.grid_hw[1] / latent_hw[1]])
+        moved = warp.handle_destinations.cpu() * scale
+        record = {"moved_cells": warp.moved_cells, "holes": int(warp.holes.sum()),
+                  "circle": {"centre_rc": [float(v) for v in warp.centre], "radius": warp.radius},
+                  "whole_image": given.mask is None or not bool(torch.as_tensor(given.mask).any())}
+        history = {"handles": [given.handles_rc.cpu().tolist(), moved.tolist()], "motion_loss": [], "mask_loss": [],
+                   "loss": []}
+        return TransformStep(t, z_new, moved.to(given.handles_rc.device), tuple(given.grid_hw), history, record)
+
+    def after_drag(self, module) -> None:
+        self.record = module.record
+
+    def settings(self) -> dict:
+        d, f = self.cfg.drag, self.cfg.fastdrag
+        return {"fill": str(f.fill), "kv_layers": list(f.kv_layers), "num_inference_steps": int(d.num_inference_steps),
+                "inversion_strength": float(d.inversion_strength)}
+
+    def trajectory_extra(self) -> dict:
+        return {"fastdrag": getattr(self, "record", {})}
+
+
 METHODS: dict[str, type[DragMethod]] = {m.name: m for m in (DragDiffusionMethod, GoodDragMethod, DragNoiseMethod,
-                                                            FreeDragMethod)}
+                                                            FreeDragMethod, FastDragMethod)}
 
 
 def make_method(cfg) -> DragMethod:

@@ -15,10 +15,13 @@ EDIT_OUTPUTS = {"dragged_image.png", "drag_input.png", "drag_paths.png", "trajec
                 "generated_image.png", "lora"}
 # config keys whose change changes an edit's result (resume compares them); the rest (devices, logging, out,
 # paths of LoRAs found per sample) does not
-MODEL_RESULT_KEYS = ("model.name_or_path", "model.vae", "model.single_file_config", "model.dtype", "trainer.precision")
+MODEL_RESULT_KEYS = ("model.name_or_path", "model.vae", "model.unet", "model.single_file_config", "model.dtype",
+                     "trainer.precision")
 EDIT_RESULT_KEYS = MODEL_RESULT_KEYS + ("method", "drag", "lora", "reference", "seed", "gooddrag", "dragnoise",
-                                        "freedrag")
-METHOD_SECTIONS = {m: m for m in ("gooddrag", "dragnoise", "freedrag")}  # a method's own section matters only to runs of that method
+                                        "freedrag", "fastdrag", "text")
+# a method's own section matters only to runs of that method
+METHOD_SECTIONS = {m: m for m in ("gooddrag", "dragnoise", "freedrag", "fastdrag")}
+SWITCHED_SECTIONS = {"text": "text.optimize"}  # a section that matters only when its switch is on in either run
 LORA_RESULT_KEYS = MODEL_RESULT_KEYS + ("lora",)
 IGNORED = ("lora.path", "lora.save_every")
 
@@ -73,6 +76,8 @@ def changed_settings(saved: DictConfig, run: DictConfig, keys=EDIT_RESULT_KEYS) 
     for key in keys:
         if key in METHOD_SECTIONS.values() and not any(METHOD_SECTIONS.get(m) == key for m in methods):
             continue
+        if key in SWITCHED_SECTIONS and not any(setting(c, SWITCHED_SECTIONS[key]) for c in (saved, run)):
+            continue  # off in both (older results have no such section)
         a, b = setting(saved, key), setting(run, key)
         if key == "method":
             a, b = a or "dragdiffusion", b or "dragdiffusion"

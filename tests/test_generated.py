@@ -62,7 +62,7 @@ def test_guided_drag_module_equals_two_separate_passes(tiny_editor):
 def test_generation_keeps_the_latent_at_the_drag_timestep(gen_editor, generated):
     assert inversion_timesteps(gen_editor.backbone.scheduler, 50, 0.7)[1][0] == 681  # the published setting
     assert generated.image.shape == (96, 128, 3) and generated.z_t.shape == (1, 4, 12, 16)
-    assert generated.t == 401 and generated.timesteps == [401, 201, 1]  # 5 steps x 0.7: the last 3
+    assert generated.t == 601 and generated.timesteps == [601, 401, 201, 1]  # 5 steps x 0.7 = 3.5: round() -> the last 4
     again = gen_editor.generate()
     assert np.array_equal(again.image, generated.image) and torch.equal(again.z_t, generated.z_t)
     other = editor_with(gen_editor, GENERATION + ["generation.seed=7"]).generate()
@@ -78,7 +78,7 @@ def test_drag_of_a_generated_image(gen_editor, generated):
     mask[20:80, 20:100] = 1
     result = editor.edit_generated(generated, POINTS, mask)
     t = result.trajectory
-    assert result.image.shape == (96, 128, 3) and t["iterations"] == 4 and t["t"] == 401
+    assert result.image.shape == (96, 128, 3) and t["iterations"] == 4 and t["t"] == 601
     assert t["motion_loss"][-1] < t["motion_loss"][0]
     assert max(t["mask_loss"]) > 0  # the mask term runs on the guided noise prediction
     assert t["generated"] == {"prompt": "a red ball", "negative_prompt": "", "seed": 42, "guidance_scale": 7.5}

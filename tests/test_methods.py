@@ -14,10 +14,10 @@ from dragdiffusion.callbacks import DragStopState, GoodDragTracking, MaskRegular
 from dragdiffusion.config import load_config
 from dragdiffusion.ddim import ddim_denoise, inversion_timesteps
 from dragdiffusion.demo import demo_sample
-from dragdiffusion.drag import DragEditModule
+from dragdiffusion.drag import DragCallback, DragEditModule
 from dragdiffusion.images import to_uint8
 from dragdiffusion.methods import DragStepContext, UndraggedStep, make_method
-from dragdiffusion.motion import preserving_motion_loss, track_points
+from dragdiffusion.motion import mask_loss, preserving_motion_loss, track_points
 from dragdiffusion.sample import make_sample
 
 GOODDRAG = ["method=gooddrag", "drag.width=64"]
@@ -44,11 +44,9 @@ def test_gooddrag_schedule_known_answers(tiny_editor):
     cfg = load_config(None, ["method=gooddrag"])
     sched = tiny_editor.backbone.scheduler
     method = make_method(cfg)
-    inv, denoise = inversion_timesteps(sched, cfg.drag.num_inference_steps, cfg.drag.inversion_strength,
-                                       method.inversion_rounding)
+    inv, denoise = inversion_timesteps(sched, cfg.drag.num_inference_steps, cfg.drag.inversion_strength)
     assert len(inv) == 38 and denoise[0] == 741
     assert denoise[:7] == [741, 721, 701, 681, 661, 641, 621]
-    assert len(inversion_timesteps(sched, 50, 0.75, "floor")[0]) == 37  # DragDiffusion's int() would start at 721
     assert [method.wants_drag(i) for i in range(8)] == [True] * 7 + [False]
     ctx = DragStepContext(0, 741, UndraggedStep(torch.zeros(3, 8, 8), torch.zeros(1, 4, 4, 4)))
     parts = method.drag_parts(ctx)
@@ -181,12 +179,60 @@ def test_gooddrag_runs_the_schedule_with_control_only_after_dragging(tiny_editor
 
 
 def test_gooddrag_stops_for_good_and_then_denoises_with_control(tiny_editor):
-    editor = editor_with(tiny_editor, GOODDRAG + ["drag.stop_distance=100"])  # reached at the first forward
+    """Reached at a drag step's FIRST forward: GoodDrag's code has entered that step, so it is denoised without
+    control (a plain step of each branch) and the control starts at the next step."""
+    editor = editor_with(tiny_editor, GOODDRAG + ["drag.stop_distance=100", "drag.num_inference_steps=10"])
     sample = demo_sample(64, 48)
+    with AttentionSpy(editor.backbone.unet) as spy:
+        result = editor.edit(sample)
+    t = result.trajectory
+    assert t["stopped_early"] and t["iterations"] == 0 and t["drag_timesteps"] == [701]  # round(7.5) = 8 inverted
+    assert t["control_from_step"] == 1 and t["stop_step"] == 0
+    after_inversion = spy.calls[8:]
+    # the undragged forward (also the original branch's step), the drag's forward, the edited branch's plain
+    # step: one latent each, no control; then the 7 remaining steps as [original, edited] with control
+    assert after_inversion[:3] == [(1, False)] * 3
+    assert after_inversion[3:] == [(2, True)] * 7
+
+
+def test_gooddrag_control_starts_after_the_drag_step_whose_first_forward_finds_the_handles_reached(tiny_editor):
+    """One tracking round per drag step: a later step whose first forward finds every handle reached is still
+    denoised without control (GoodDrag's code enters it), the control starting one step later."""
+    editor = editor_with(tiny_editor, GOODDRAG + ["gooddrag.track_per_step=1", "drag.num_inference_steps=10"])
+    sample = make_sample(demo_sample(64, 48).image, [[10, 20], [60, 20]], None, "", "far")
+    reached_at = {}
+    original = editor.drag_step
+
+    def drag_step(sample_, start, ctx, z, parts, *a, **k):
+        if ctx.index == 2:  # the third drag step finds every handle "reached" at its first forward
+            for c in parts.callbacks:
+                if isinstance(c, GoodDragTracking):
+                    c.stop_distance = 1000.0
+        module = original(sample_, start, ctx, z, parts, *a, **k)
+        reached_at[ctx.index] = (module.reached, len(module.history["loss"]))
+        return module
+
+    editor.drag_step = drag_step
     result = editor.edit(sample)
     t = result.trajectory
-    assert t["stopped_early"] and t["iterations"] == 0 and t["drag_timesteps"] == [741]
-    assert t["control_from_step"] == 0 and t["stop_step"] == 0
+    assert reached_at == {0: (False, 3), 1: (False, 3), 2: (True, 0)}  # reached at the first forward of step 2
+    assert t["drag_timesteps"] == [701, 601, 501] and t["control_from_step"] == 3
+
+
+@pytest.mark.parametrize("steps,strength,count", [(50, 0.7, 35), (50, 0.75, 38), (50, 0.55, 28), (50, 0.65, 32),
+                                                  (50, 0.85, 42), (30, 0.75, 22), (10, 0.7, 7), (5, 0.7, 4)])
+def test_inverted_step_count_is_pythons_round_for_every_method(tiny_editor, steps, strength, count):
+    """All four codes compute round(strength x steps) (half to even): one rule for every method."""
+    from dragdiffusion.ddim import inverted_step_count
+    assert inverted_step_count(steps, strength) == count
+    sched = tiny_editor.backbone.scheduler
+    for method in ("dragdiffusion", "gooddrag", "dragnoise", "freedrag"):
+        cfg = load_config(None, [f"method={method}", f"drag.num_inference_steps={steps}",
+                                 f"drag.inversion_strength={strength}"])
+        inv, denoise = inversion_timesteps(sched, cfg.drag.num_inference_steps, cfg.drag.inversion_strength)
+        assert len(inv) == count and denoise[0] == inv[-1]
+    if (steps, strength) == (50, 0.75):
+        assert denoise[0] == 741  # not 721 (int() would invert 37 steps)
 
 
 def test_gooddrag_moves_the_handle_toward_its_target(tiny_editor):
@@ -366,3 +412,86 @@ def test_methods_list_needs_a_dataset_and_known_names():
     with pytest.raises(ConfigError, match="config key 'methods'"):
         load_config(None, ["methods=[gooddrag,nope]", "data=x"])
     assert list(load_config(None, ["methods=[gooddrag,freedrag]", "data=x"]).methods) == ["gooddrag", "freedrag"]
+
+
+# ------------------------------------------------------------------ the same attention for every forward of a drag
+class FirstMaskGradient(DragCallback):
+    """At the first iteration: |x_prev - x_prev0| (x_prev0 from the MaskRegularization of the fit) and the mask
+    term's gradient with respect to the optimized variable."""
+
+    def __init__(self):
+        self.records = []
+
+    def needs_eps(self, module):
+        return True
+
+    def loss_terms(self, module, step):
+        if step.index == 0 and not self.records:
+            mask_cb = next(c for c in module.trainer.callbacks if isinstance(c, MaskRegularization))
+            x0_prev = mask_cb.x0_prev
+            if x0_prev is None:  # DragDiffusion's rule: the first forward's own DDIM step of the original latent
+                x0_prev = module.x_prev(module.z_t_original, step.eps.detach())
+            term = mask_loss(module.x_prev(step.z, step.eps), x0_prev, module.mask_latent, mask_cb.lam)
+            variable = module.z_t if module.bottleneck is None else module.bottleneck
+            grad, = torch.autograd.grad(term, variable, retain_graph=True)
+            self.records.append((float(term.detach()), float(grad.abs().max())))
+        return {}
+
+
+@pytest.mark.parametrize("method", ["gooddrag", "dragdiffusion", "dragnoise", "freedrag"])
+def test_exact_mode_first_iteration_mask_term_and_gradient_are_zero(tiny_editor, method):
+    """With ``reference.exact`` every forward of the drag steps runs the classic attention: GoodDrag's undragged
+    x_prev0(t) is bit for bit the drag's first x_prev (its code gives a mask term of exactly 0 there; a float-noise
+    term would give lam x sign(noise) as the gradient), and DragNoise's starting bottleneck is the UNet's own."""
+    editor = editor_with(tiny_editor, [f"method={method}", "reference.exact=true", "drag.width=64",
+                                       "drag.num_inference_steps=10", "drag.n_pix_step=2", "freedrag.max_step=2",
+                                       "gooddrag.drag_end_step=1", "gooddrag.track_per_step=1",
+                                       "drag.point_tracking=false"])
+    spy = FirstMaskGradient()
+    result = editor.edit(demo_sample(64, 48), callbacks=[spy])
+    term, grad = spy.records[0]
+    assert term == 0.0 and grad == 0.0
+    assert result.trajectory["mask_loss"][0] == 0.0
+
+
+def test_a_drag_fit_runs_to_its_own_budget_above_n_pix_step(tiny_editor):
+    """FreeDrag's budget (``freedrag.max_step``) is the fit's: not capped at ``drag.n_pix_step``."""
+    editor = editor_with(tiny_editor, ["method=freedrag", "drag.width=64", "drag.n_pix_step=3", "freedrag.max_step=9",
+                                       "freedrag.l_expected=0.001", "drag.num_inference_steps=10"])
+    base = demo_sample(64, 48)
+    sample = make_sample(base.image, [[10, 20], [60, 20]], None, "", "far")
+    result = editor.edit(sample)
+    assert result.trajectory["iterations"] == 9 and not result.trajectory["stopped_early"]
+
+
+def test_freedrag_point_at_exactly_threshold_d_is_not_done():
+    """FreeDrag's code: a point is done when its distance is BELOW threshold_d (2 cells), not at it."""
+    from dragdiffusion.freedrag import FreeDragConstants, FreeDragMoves
+    moves = FreeDragMoves(FreeDragConstants(l=1.0, threshold_d=2.0), win_r=1)
+    feat = torch.zeros(3, 12, 12)
+    module = FakeModule(targets=torch.tensor([[5.0, 7.0], [5.0, 5.0]]), grid_hw=(12, 12),
+                        listening=lambda: False)
+    handles = torch.tensor([[5.0, 5.0], [5.0, 3.5]])  # 2.0 and 1.5 cells from their targets
+    moves.track(module, SimpleNamespace(index=0, features=feat, handles=handles))  # the first forward: templates
+    moves.state.move_ends = True
+    moves.track(module, SimpleNamespace(index=1, features=feat, handles=handles))  # loss_end 0 <= l / 2 for both
+    assert moves.state.done.tolist() == [False, True]
+
+
+def test_exact_mode_dragnoise_starts_from_the_bottleneck_of_the_classic_attention(tiny_editor, monkeypatch):
+    """DragNoise's starting bottleneck comes from a forward on the same attention as its drag (classic, in exact
+    mode): the first drag forward then equals the UNet's own forward of z_t bit for bit."""
+    from dragdiffusion.attention import classic_attention
+    from dragdiffusion.features import mid_block_output
+    editor = editor_with(tiny_editor, ["method=dragnoise", "reference.exact=true", "drag.width=64",
+                                       "drag.num_inference_steps=10", "drag.n_pix_step=1"])
+    seen = []
+    original = editor.bottleneck_of
+    monkeypatch.setattr(editor, "bottleneck_of", lambda start, t, z: seen.append((start, t, z, original(start, t, z)))
+                        or seen[-1][-1])
+    editor.edit(demo_sample(64, 48))
+    start, t, z, bottleneck = seen[0]
+    unet = editor.backbone.unet
+    with torch.no_grad(), classic_attention(unet):
+        classic = mid_block_output(unet, z, t, start.drag_cond).float()
+    assert torch.equal(bottleneck, classic)

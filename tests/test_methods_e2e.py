@@ -20,7 +20,9 @@ DRAG100_SAMPLE = "cat_2"
 SMALL = ["model=tiny", "trainer=cpu", "lora.enabled=false", "drag.width=64", "drag.n_pix_step=6",
          "drag.num_inference_steps=10", "gooddrag.track_per_step=2", "gooddrag.drag_end_step=3", "freedrag.max_step=6", "quiet=true",
          "trainer.enable_progress_bar=false"]
-METHODS = ["dragdiffusion", "gooddrag", "dragnoise", "freedrag"]
+METHODS = ["dragdiffusion", "gooddrag", "dragnoise", "freedrag", "fastdrag"]
+# one batch: every method, GoodDrag with and without DragText, DragNoise with it
+BATCH_METHODS = ["dragdiffusion", "gooddrag", "gooddrag+text", "dragnoise+text", "freedrag", "fastdrag"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,8 @@ def test_edit_py_runs_each_method_on_a_dragbench_and_a_drag100_sample(method, sh
         if method == "gooddrag":
             assert t["t"] == 701 and t["drag_timesteps"][0] == 701  # round(0.75 x 10) = 8 inverted steps
             assert len(t["drag_timesteps"]) <= 3
+        elif method == "fastdrag":  # one warp, no iteration, no LoRA
+            assert t["iterations"] == 0 and t["t"] == 601 and t["lora"] is None and t["fastdrag"]["moved_cells"] > 0
         else:
             assert t["iterations"] <= 6
             assert t["t"] == 601 and t["drag_timesteps"] == [601] and t["control_from_step"] == 0
@@ -64,11 +68,11 @@ def test_one_command_runs_every_method_over_both_layouts_on_two_processes_then_o
         shared_samples, tmp_path, tiny_model_dir):
     data = mixed_tree(tmp_path / "data", shared_samples)
     results = tmp_path / "results"
-    cmd = [sys.executable, "edit.py", *SMALL, f"methods=[{','.join(METHODS)}]", f"data={data}", f"out={results}",
-           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    cmd = [sys.executable, "edit.py", *SMALL, f"methods=[{','.join(BATCH_METHODS)}]", f"data={data}",
+           f"out={results}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for method in METHODS:
+    for method in BATCH_METHODS:
         out = results / method
         summary = json.loads((out / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["method"] == method
@@ -78,6 +82,9 @@ def test_one_command_runs_every_method_over_both_layouts_on_two_processes_then_o
         for name in rows:
             t = json.loads((out / name / "trajectory.json").read_text())
             assert t["method"]["name"] == method
+            assert ("text_shift" in t) == method.endswith("+text")
+            if method.endswith("+text"):
+                assert max(t["text_shift"]) > 0
     cmd = [sys.executable, "-m", "dragdiffusion.evaluate", "model=tiny", "trainer=cpu", f"data={data}",
            f"results={results}", "image_fidelity.enabled=false", "mean_distance.ensemble_size=1",
            "mean_distance.width=64", "quiet=true"]
@@ -85,7 +92,7 @@ def test_one_command_runs_every_method_over_both_layouts_on_two_processes_then_o
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((results / "evaluation.json").read_text())
     per_method = {m["method"]: m for m in report["summary"]["methods"]}
-    assert set(per_method) == set(METHODS)
+    assert set(per_method) == set(BATCH_METHODS)  # with and without DragText side by side
     for method, m in per_method.items():
         text = json.dumps(m)
         assert "mean_distance" in text and "masked_mean_distance" in text and "dai" in text.lower(), text

@@ -85,12 +85,12 @@ def test_exact_mode_selects_the_classic_attention_for_inversion_and_drag(tiny_ed
     finally:
         for hooks in handles:
             hooks.clear()
-    last = calls[plain][-(3 + 2 + 3):]  # after the LoRA step: 3 inversion steps, 2 drag iterations, 3 denoising
-    inversion_and_drag, denoise = last[:3 + 2], last[3 + 2:]
+    last = calls[plain][-(4 + 2 + 4):]  # after the LoRA step: round(5 x 0.7) = 4 inversion steps, 2 drag
+    inversion_and_drag, denoise = last[:4 + 2], last[4 + 2:]  # iterations, 4 denoising steps
     classic = exact and not lora
     assert set(inversion_and_drag) == {"AttnProcessor" if classic else "AttnProcessor2_0"}
-    assert denoise == ["AttnProcessor2_0"] * 3  # the reference's denoising runs SDPA (its own forward)
-    assert calls[controlled][-3:] == ["ReferenceAttnProcessor"] * 3
+    assert denoise == ["AttnProcessor2_0"] * 4  # the reference's denoising runs SDPA (its own forward)
+    assert calls[controlled][-4:] == ["ReferenceAttnProcessor"] * 4
     assert "AttnProcessor" not in {type(p).__name__ for p in unet.attn_processors.values()}  # restored
 
 

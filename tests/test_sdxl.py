@@ -343,3 +343,18 @@ def test_the_full_size_sdxl_config_is_sdxl_base():
     assert round(sum(p.numel() for p in unet.parameters()) / 1e9, 2) == 2.57  # SDXL base: 2.567 B
     assert [b.resnets[0].out_channels for b in unet.up_blocks] == [1280, 640, 320]
     assert unet.config.projection_class_embeddings_input_dim == SDXL_TEXT_2_CONFIG["projection_dim"] + 6 * 256
+
+
+def test_fastdrag_on_sdxl_with_a_dragbench_and_a_drag100_sample(xl_editor, dragbench_dir):
+    from dragdiffusion.data import read_sample
+    drag100 = REPO.parent / "shared" / "data" / "drag100-sample" / "cat_2"
+    editor = xl_editor_with(xl_editor, "method=fastdrag")
+    for folder in (dragbench_dir / "animals" / "JH_2023-09-14-1838-08", drag100):
+        if not folder.is_dir():
+            pytest.skip(f"{folder} is not there")
+        sample = read_sample(folder)
+        result = editor.edit(sample)
+        t = result.trajectory
+        assert t["method"]["name"] == "fastdrag" and t["iterations"] == 0 and t["t"] == 601
+        assert result.image.shape == (sample.height, sample.width, 3)
+        assert t["fastdrag"]["moved_cells"] > 0
