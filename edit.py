@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Drag-edit one sample (or a dataset) with DragDiffusion, GoodDrag, DragNoise or FreeDrag (method=...).
+"""Drag-edit one sample (or a dataset) with DragDiffusion, GoodDrag, DragNoise, FreeDrag or FastDrag (method=...).
 
   python edit.py model=tiny image=cat.png points='[[120,80],[160,80]]' prompt="a cat" out=outputs/cat
   python edit.py sample=path/to/dragbench/animals/JH_2023-09-14-1838-08 out=outputs/rabbit
@@ -9,12 +9,15 @@ Inputs (one of): sample=DIR (DragBench layout, image.png + drag.json [+ mask.png
 points.json + mask.png); sample=demo (the built-in demo); image=PATH points=JSON [mask=PATH] [prompt=TEXT] (points as a list or its JSON text, [[x, y], ...],
 alternating handle, target, in pixels of the image); data=DIR (a whole dataset: batch mode); generate=true.
 Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|sd21|sdxl|tiny|tiny_v|tiny_xl,
-logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag.
---print-config shows every key.
+logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag|fastdrag
+(NAME+text: with DragText). --print-config shows every key.
 Main keys (defaults are the published ones):
-  method=dragdiffusion|gooddrag|dragnoise|freedrag (a preset: its published LoRA, drag and schedule values;
+  method=dragdiffusion|gooddrag|dragnoise|freedrag|fastdrag (a preset: its published LoRA, drag and schedule values;
   gooddrag.drag_end_step=7 gooddrag.track_per_step=10 gooddrag.max_drag_per_track=3 gooddrag.max_track_no_change=5
-  gooddrag.beta=4 dragnoise.end_step=0 freedrag.max_step=300 freedrag.steps_per_move=5 freedrag.d_max=5 ...)
+  gooddrag.beta=4 dragnoise.end_step=0 freedrag.max_step=300 freedrag.steps_per_move=5 freedrag.d_max=5
+  fastdrag.fill=interpolation|sequential fastdrag.kv_layers=[up_blocks] ...); method=gooddrag+text or
+  text.optimize=true (DragText, every method but fastdrag) text.lr=0.004 text.lam=0.1 text.mask_term=false
+  model.unet=HUB_ID|DIR (another UNet, e.g. FastDrag's LCM one: SimianLuo/LCM_Dreamshaper_v7)
   drag.width=512 drag.n_pix_step=80 drag.lr=0.01 drag.lam=0.1 drag.r_m=1 drag.r_p=3
   drag.inversion_strength=0.7 drag.num_inference_steps=50 drag.feature_blocks=[2] drag.guidance_scale=1.0
   lora.enabled=true lora.path=FILE lora.steps=80 reference.layers=[up_blocks.2,up_blocks.3] reference.exact=false
@@ -24,8 +27,8 @@ Main keys (defaults are the published ones):
   logger.save_dir=logs logger.image_every=10 logger.image_source=input|estimate (README: Experiment tracking)
 Writes to out=DIR (default outputs): dragged_image.png, drag_input.png, drag_paths.png, trajectory.json,
 config.yaml (and lora/ when the LoRA is trained). A folder holding other files is refused unless overwrite=true.
-data=DIR methods=[dragdiffusion,gooddrag,dragnoise,freedrag]: the batch once per method into <out>/<method>/
-(each with its preset; evaluate=true then scores them all in one run).
+data=DIR methods=[dragdiffusion,gooddrag,gooddrag+text,fastdrag,...]: the batch once per method into
+<out>/<method>/ (each with its preset; evaluate=true then scores them all in one run).
 data=DIR: every sample, split over trainer.devices x trainer.num_nodes processes (DDP, SLURM, torchrun);
 writes <out>/<category>/<sample>/... and <out>/summary.json|csv; a rerun skips finished samples made with the
 same settings (other settings: refused, or redone with overwrite=true); lora_dir=DIR reuses per-sample LoRAs.

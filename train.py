@@ -13,7 +13,8 @@ Use it in an edit with edit.py lora.path=<out> (a file, a folder, or the dataset
 own). --convert IN OUT writes a LoRA of another key style (the official DragDiffusion code's doubled 'unet.'
 prefix, attention-processor keys) in that format (also: python -m dragdiffusion.lora convert IN OUT).
 Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|sd21|sdxl|tiny|tiny_v|tiny_xl,
-logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag.
+logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag
+(NAME+text: the same LoRA; fastdrag has none).
 --print-config shows every key.
 Main keys (defaults are the published ones):
   method=dragdiffusion|gooddrag|dragnoise|freedrag (that method's LoRA settings: 80, 70, 200 or 200 steps)

@@ -12,6 +12,12 @@
   python benchmarks/bench_edit.py --methods dragdiffusion gooddrag --iters 80 --gd-rounds 10   # methods side by side
   python benchmarks/bench_edit.py --models sd15 --devices cuda --precisions 16-mixed --methods gooddrag \
       --lora-steps 70 --gd-rounds 10                                       # GoodDrag's published schedule on a GPU
+  python benchmarks/bench_edit.py --precisions 32 --lora-steps 80 --iters 80 --methods dragdiffusion fastdrag
+                                                                           # FastDrag vs DragDiffusion's defaults
+  python benchmarks/bench_edit.py --models sd15 --devices cuda --precisions 16-mixed --methods fastdrag
+                                                                           # FastDrag on a GPU (SD 1.5 size, 512 px)
+  python benchmarks/bench_edit.py --precisions 32 --iters 20 --methods dragdiffusion dragdiffusion+text \
+      gooddrag gooddrag+text --set text.mask_term=false                   # DragText's cost per optimizer step
 
 For the tiny model and a full-size SD 1.5-config model with random weights (no download), at ``--width``
 (512 published) on a square demo image: 64 x 64 latents at 512. Stages: identity LoRA (``--lora-steps``, batch 4
@@ -27,6 +33,9 @@ edit and of the LoRA and drag stages (CUDA allocator on a GPU, process RSS on th
 edit (the loaded model); ``--gradient-checkpointing off on`` measures both settings of model.gradient_checkpointing.
 Models: ``tiny``, ``sd15`` (full-size SD 1.5 config), ``tiny_xl`` (SDXL topology), ``sdxl`` (full-size SDXL base
 config: 2.6 B UNet parameters; a GPU), each with its model preset's feature block and control layers.
+FastDrag keeps its preset's schedule (10 DDIM steps, 7 inverted, no LoRA: ``--steps`` and ``--lora-steps`` are the
+other methods'); its drag is one warp (no UNet pass). ``NAME+text`` runs a method with DragText; ``--set KEY=VALUE``
+passes more config overrides to every run.
 """
 from __future__ import annotations
 
@@ -42,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+
+from dragdiffusion.config import method_names
 
 STAGES = ("prepare_lora", "invert", "drag_along_spine", "denoise")  # the drag: every drag step of the method
 
@@ -173,17 +184,24 @@ def make_editor(model: str, device: str, precision: str, dtype: str, args, metho
     builders = {"tiny": tiny.build_tiny_pipeline, "sd15": tiny.build_sd15_random_pipeline,
                 "tiny_xl": tiny.build_tiny_sdxl_pipeline, "sdxl": tiny.build_sdxl_random_pipeline}
     method_keys = [f"method={method}"]
+    method = method.split("+")[0]
     if method == "gooddrag":  # never stop early: the whole schedule is timed
         method_keys += [f"gooddrag.track_per_step={args.gd_rounds}", "drag.stop_distance=0",
                         "gooddrag.max_track_no_change=1000000"]
     if method == "freedrag":  # --iters Adam steps, never done early
         method_keys += [f"freedrag.max_step={args.iters}", "freedrag.l_expected=0.000001"]  # never "done"
+    if method == "fastdrag":  # its own schedule (10 steps, no LoRA): the published comparison
+        schedule = []
+    else:
+        schedule = [f"lora.enabled={'true' if args.lora_steps else 'false'}", f"lora.steps={args.lora_steps}",
+                    f"drag.num_inference_steps={args.steps}"]
     preset = [f"model={model}"] if "xl" in model else []  # SDXL: its feature block and control layers
-    cfg = load_config(None, preset + method_keys + [f"model.gradient_checkpointing={str(checkpointing).lower()}",
-        f"lora.enabled={'true' if args.lora_steps else 'false'}", f"lora.steps={args.lora_steps}",
+    cfg = load_config(None, preset + method_keys + schedule + [
+        f"model.gradient_checkpointing={str(checkpointing).lower()}",
         f"lora.resolution={args.width}", f"drag.width={args.width}", f"drag.n_pix_step={args.iters}",
-        f"drag.num_inference_steps={args.steps}", "drag.point_tracking=false", f"trainer.precision={precision}",
-        "quiet=true", f"model.device={device}", f"model.dtype={dtype}", f"reference.exact={str(args.exact).lower()}"])
+        "drag.point_tracking=false", f"trainer.precision={precision}",
+        "quiet=true", f"model.device={device}", f"model.dtype={dtype}", f"reference.exact={str(args.exact).lower()}",
+        *args.set])
     policy = DevicePolicy.from_config(cfg)
     pipe = builders[model]()
     backbone = Backbone.from_pipeline(pipe, policy, model)
@@ -207,7 +225,8 @@ def run_one(model, device, precision, dtype, args, method: str = "dragdiffusion"
         result = editor.edit(sample)
         total = time.perf_counter() - tic
     s, n = clock.seconds, clock.passes
-    n_inv = len(inversion_timesteps(editor.backbone.scheduler, args.steps, editor.cfg.drag.inversion_strength)[0])
+    n_inv = len(inversion_timesteps(editor.backbone.scheduler, editor.cfg.drag.num_inference_steps,
+                                    editor.cfg.drag.inversion_strength)[0])
     iterations = max(1, result.trajectory["iterations"])
     return {
         "method": method, "drag_steps": len(result.trajectory["drag_timesteps"]),
@@ -240,8 +259,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="model.compile=true (regional torch.compile)")
     p.add_argument("--channels-last", action="store_true", help="model.channels_last=true")
     p.add_argument("--exact", action="store_true", help="reference.exact=true")
-    p.add_argument("--methods", "--method", nargs="+", default=["dragdiffusion"], choices=["dragdiffusion", "gooddrag", "dragnoise", "freedrag"],
-                   help="drag methods (method=), each with its preset")
+    p.add_argument("--methods", "--method", nargs="+", default=["dragdiffusion"], choices=method_names(),
+                   help="drag methods (method=), each with its preset; NAME+text: with DragText")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides for every run")
     p.add_argument("--gd-rounds", type=int, default=10,
                    help="GoodDrag: tracking rounds (of 3 optimizer steps) per drag step (published: 10)")
     args = p.parse_args(argv)
@@ -270,6 +290,15 @@ def main(argv=None):
               f"{r['denoise_s']:.2f} ({r['denoise_35']:.2f}) | {r['warmup_s']:.1f} | {r['peak_mb']:.0f} | "
               f"{r['checkpointing']} | {r['lora_peak_mb']:.0f} | {r['drag_peak_mb']:.0f} | {r['held_mb']:.0f} | "
               f"{r['lora_saved_mb']:.0f} / {r['drag_saved_mb']:.0f} |")
+    published = [r for r in rows if r["method"] == "dragdiffusion"]
+    for r in published:  # the per-step costs of this run at DragDiffusion's published schedule
+        r["published_s"] = r["lora_s_per_step"] * 80 + r["inversion_35"] + r["drag_s_per_iter"] * 80 + r["denoise_35"]
+        print(f"\ndragdiffusion {r['model']} {r['policy']} at its published schedule (LoRA 80 steps + inversion 35 + "
+              f"drag 80 iterations + denoise 35, from this run's per-step seconds): {r['published_s']:.1f} s")
+        for other in rows:
+            if other["method"] == "fastdrag" and other["model"] == r["model"] and other["policy"] == r["policy"]:
+                print(f"fastdrag (its published schedule, measured): {other['total_s']:.2f} s: "
+                      f"{r['published_s'] / other['total_s']:.1f}x faster")
     print("\nUNet passes of the timed edit (full, partial):")
     for r in rows:
         print(f"  {r['method']} {r['model']} {r['policy']}: " + ", ".join(

@@ -11,8 +11,9 @@ GPU, the tiny one / tiny-xl with --quick) is written to a temporary diffusers fo
 Then, each in this process: ``edit.py`` with the identity LoRA on; ``edit.py generate=true``; ``train.py``;
 ``edit.py data=`` over 3 samples and the same command again (everything skipped: the resume);
 ``python -m dragdiffusion.evaluate`` (tiny DIFT); the app's edit function (``app_jobs``, no browser). Each other
-method of ``--methods`` (default: gooddrag, dragnoise, freedrag) then runs an edit with its LoRA, a batch and the app's edit function
-(SDXL: the edit alone; SDXL's evaluation computes DIFT on the SDXL model itself).
+method of ``--methods`` (default: gooddrag, dragnoise, freedrag, fastdrag and gooddrag+text: DragText) then runs an
+edit (with its LoRA; FastDrag has none), a batch and the app's edit function (SDXL: the edit alone; SDXL's evaluation
+computes DIFT on the SDXL model itself).
 One line per entry point: PASS or FAIL, seconds, peak GPU memory. Exit status 0 when all pass.
 
 Samples: 3 of ../shared/data/dragbench-sample when it is there, else 3 demo samples drawn here. On a CUDA machine
@@ -112,6 +113,7 @@ def entry_points(model: Path, data: Path, work: Path, common: list[str], quick: 
     import train
     from dragdiffusion import evaluate
     from dragdiffusion.app_jobs import edit_job, page_config, run_to_end, save_outputs
+    from dragdiffusion.config import MethodName, split_method_name
     from dragdiffusion.data import read_sample
     model_keys = (["model=sdxl"] if kind == "sdxl" else []) + [f"model.name_or_path={model}",
                                                                "model.local_files_only=true"]
@@ -150,10 +152,13 @@ def entry_points(model: Path, data: Path, work: Path, common: list[str], quick: 
         check(rc == 0, "exit status")
         check(json.loads((work / "batch" / "evaluation.json").read_text())["summary"]["n_pairs"] >= 3, "pairs")
 
+    def lora_keys(method: str) -> list[str]:  # the identity LoRA on, but for a method without one (FastDrag)
+        return ["lora.enabled=true"] if MethodName(split_method_name(method)[0]).optimizes else []
+
     def method_edit(method: str):
         def run():
             out = work / f"edit-{method}"
-            check(edit.main([f"method={method}", *args, "lora.enabled=true", f"sample={first}", f"out={out}"]) == 0,
+            check(edit.main([f"method={method}", *args, *lora_keys(method), f"sample={first}", f"out={out}"]) == 0,
                   "exit status")
             trajectory = json.loads((out / "trajectory.json").read_text())
             check(trajectory["method"]["name"] == method, f"trajectory method {trajectory['method']}")
@@ -162,7 +167,7 @@ def entry_points(model: Path, data: Path, work: Path, common: list[str], quick: 
     def method_batch(method: str):
         def run():
             out = work / f"batch-{method}"
-            check(edit.main([f"method={method}", *args, "lora.enabled=true", f"data={data}", f"out={out}"]) == 0,
+            check(edit.main([f"method={method}", *args, *lora_keys(method), f"data={data}", f"out={out}"]) == 0,
                   "exit status")
             counts = json.loads((out / "summary.json").read_text())["counts"]
             check(counts["ok"] == 3, f"summary counts {counts}, expected 3 ok")
@@ -170,13 +175,14 @@ def entry_points(model: Path, data: Path, work: Path, common: list[str], quick: 
 
     def app_edit(method: str | None = None):
         sample = read_sample(first)
-        cfg = page_config(None, args + ["lora.enabled=true"], None, {"quiet": True}, method)
+        keys = lora_keys(method or "dragdiffusion")
+        cfg = page_config(None, args + keys, None, {"quiet": True}, method)
         reports = []
         result = run_to_end(edit_job(cfg, sample.image, sample.points, sample.mask, sample.prompt),
                             on_progress=reports.append)
         png, archive = save_outputs(result, cfg)
         check(png.is_file() and archive.is_file() and result.image.shape == sample.image.shape, "outputs")
-        check(any(r[0] == "drag" for r in reports), "progress reports")
+        check(any(r[0] == "drag" for r in reports) or not keys, "progress reports")  # FastDrag: no drag steps
 
     points = [("edit.py (identity LoRA on)", edit_with_lora), ("edit.py generate=true", edit_generated),
               ("train.py", train_lora), ("edit.py data= (3 samples)", batch("ok")),
@@ -199,8 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default=None, help="trainer.precision (default: 16-mixed on a GPU, 32 on the CPU)")
     p.add_argument("--dtype", default="auto", help="model.dtype (auto: half weights under mixed precision on a GPU)")
     p.add_argument("--work", default=None, help="keep the outputs here (default: a temporary folder)")
-    p.add_argument("--methods", nargs="*", default=["gooddrag", "dragnoise", "freedrag"],
-                   help="drag methods checked besides dragdiffusion (edit, batch, app) (default: all three)")
+    p.add_argument("--methods", nargs="*", default=["gooddrag", "dragnoise", "freedrag", "fastdrag", "gooddrag+text"],
+                   help="drag methods checked besides dragdiffusion (edit, batch, app) (default: the four others and "
+                        "gooddrag+text, DragText)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
                    help="backbones checked (default: sd15 sdxl); each gets its own random-weight model folder")
     args = p.parse_args(argv)

@@ -25,9 +25,9 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from .app_jobs import (CONFIG_MODEL, RUNNER, edit_job, generate_job, method_names, method_settings, model_settings,
-                       page_config, save_outputs, settings_changes)
+                       page_config, save_outputs, settings_changes, timing_line)
 from .callbacks import EditCancelled
-from .config import CONFIG_DIR, cli_parser, load_config, to_container, to_yaml
+from .config import CONFIG_DIR, cli_parser, load_config, method_label, to_container, to_yaml
 from .errors import DragError
 from .images import resize_uint8
 from .sample import draw_drag, exif_orientation, to_rgb_uint8, upright, working_size
@@ -198,7 +198,7 @@ def build_layout(base: DictConfig) -> Layout:
             lr = gr.Number(label="Latent lr", value=float(d.lr))
             blocks = gr.CheckboxGroup([0, 1, 2, 3], value=list(d.feature_blocks), label="Feature up_blocks")
         with gr.Row():
-            method = gr.Dropdown(method_names(), value=str(base.method), elem_id="method",
+            method = gr.Dropdown(method_names(), value=method_label(base), elem_id="method",
                                  label="Drag method (its published defaults fill the fields above)")
     return Layout(canvas, points_view, undo, clear_points, result_view, result_file, replay_file, prompt, run,
                   cancel, status, generation, generate,
@@ -229,10 +229,10 @@ class AppEvents:
         return v["width"], v["blocks"]
 
     def method_chosen(self, method):
-        """A method picked: its preset's values into the Settings fields (LoRA steps, iterations, lam, strength,
-        lr)."""
+        """A method picked: its preset's values into the Settings fields (LoRA on, LoRA steps, iterations, lam,
+        strength, lr)."""
         v = method_settings(self.config_path, self.overrides, method)
-        return v["lora_steps"], v["n_pix_step"], v["lam"], v["strength"], v["lr"]
+        return v["lora_on"], v["lora_steps"], v["n_pix_step"], v["lam"], v["strength"], v["lr"]
 
     # ---------------------------------------------------------------- image and points
     def upload(self, value, sess, width):
@@ -328,7 +328,8 @@ class AppEvents:
             gr.Warning("No mask painted: the whole image may change (the mask term is off).")
         mask_shown = mask_disp if has_mask else None
         stages = [] if generated is not None or not cfg.lora.enabled else [f"LoRA ({cfg.lora.steps} steps)"]
-        stages += [f"{cfg.method} drag" if generated is not None else f"inversion, {cfg.method} drag", "denoising"]
+        label = method_label(cfg)
+        stages += [f"{label} drag" if generated is not None else f"inversion, {label} drag", "denoising"]
         yield ("running: " + ", ".join(stages),) + keep
         try:
             jobs = RUNNER.run(job, request.session_hash if request else "local")
@@ -354,8 +355,8 @@ class AppEvents:
         dist = ", ".join(f"{v:.1f}" for v in t["final_distance_px"])
         stop = f"stopped early at iteration {t['stop_step']}" if t["stopped_early"] else "ran every iteration"
         steps = f" at {len(t['drag_timesteps'])} timesteps" if len(t.get("drag_timesteps", [])) > 1 else ""
-        done = (f"done ({cfg.method}): {t['iterations']} drag iterations{steps} ({stop}), final distance (px): "
-                f"{dist}; result "
+        drag = "one latent warp" if "fastdrag" in t else f"{t['iterations']} drag iterations{steps} ({stop})"
+        done = (f"done ({label}) {timing_line(result.seconds)}: {drag}, final distance (px): {dist}; result "
                 f"{result.image.shape[1]}x{result.image.shape[0]}{no_mask}")
         last = [list(p) for p in t["handles"][-1]] if t["handles"] else None
         yield done, self.redraw(sess, pts, last, mask_shown), result.image, str(png), str(archive)
@@ -421,7 +422,8 @@ def wire_events(ui: Layout, events: AppEvents) -> None:
     generate = ui.generate.click(events.generate, [ui.prompt] + ui.generation + ui.settings,
                                  [ui.status, ui.canvas, ui.session, ui.points, ui.points_view], **device)
     ui.cancel.click(events.cancel, None, ui.status, cancels=[run, generate], **live)
-    ui.settings[-1].change(events.method_chosen, [ui.settings[-1]], [ui.settings[i] for i in (4, 5, 6, 7, 8)], **live)
+    ui.settings[-1].change(events.method_chosen, [ui.settings[-1]], [ui.settings[i] for i in (3, 4, 5, 6, 7, 8)],
+                           **live)
     ui.settings[0].change(events.model_chosen, [ui.settings[0]], [ui.settings[1], ui.settings[9]], **live)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import ProgressReporter
-from .config import MethodName, load_config, to_yaml, validate_config
+from .config import load_config, method_names, to_yaml, validate_config
 from .editor import DragEditor, EditResult
 from .errors import ConfigError
 from .generated import GeneratedImage
@@ -47,15 +47,18 @@ def settings_changes(width, seed, lora_on, lora_steps, n_pix_step, lam, strength
         raise ConfigError("settings: every field needs a number (one is empty)") from None
 
 
-def method_names() -> list[str]:
-    return sorted(m.value for m in MethodName)
-
-
 def method_settings(base_path, base_overrides, method: str) -> dict:
-    """The page's Settings fields that a method preset sets, with that method's values."""
+    """The page's Settings fields that a method preset sets, with that method's values (FastDrag: no LoRA)."""
     cfg = load_config(base_path, list(base_overrides) + [f"method={method}"])
-    return {"lora_steps": int(cfg.lora.steps), "n_pix_step": int(cfg.drag.n_pix_step), "lam": float(cfg.drag.lam),
+    return {"lora_on": bool(cfg.lora.enabled), "lora_steps": int(cfg.lora.steps),
+            "n_pix_step": int(cfg.drag.n_pix_step), "lam": float(cfg.drag.lam),
             "strength": float(cfg.drag.inversion_strength), "lr": float(cfg.drag.lr)}
+
+
+def timing_line(seconds: dict) -> str:
+    """"in 1.4 s (inversion 0.3 s, drag 0.01 s, denoise 0.3 s)": an edit's time by stage (stages that ran)."""
+    parts = [f"{k} {v:.2f} s" for k, v in seconds.items() if v >= 0.005]
+    return f"in {sum(seconds.values()):.1f} s ({', '.join(parts)})"
 
 
 def model_settings(base_path, base_overrides, model: str) -> dict:

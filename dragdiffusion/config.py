@@ -88,6 +88,14 @@ def method_label(cfg) -> str:
     return name + TEXT_SUFFIX if on and MethodName(name).optimizes else name
 
 
+def method_names() -> list[str]:
+    """Every method name ``method=`` takes, each optimizing one also with DragText ("gooddrag+text")."""
+    names = []
+    for m in sorted(MethodName, key=lambda m: m.value):
+        names += [m.value] + ([m.value + TEXT_SUFFIX] if m.optimizes else [])
+    return names
+
+
 def check_method_names(names, key: str = "methods") -> None:
     """Each a known method, optionally with "+text" (only for a method that optimizes), no repeats."""
     known = [m.value for m in MethodName]
@@ -466,6 +474,10 @@ class LoraTrainConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ckpt_path: Optional[str] = None  # resume from a Lightning checkpoint (written every lora.save_every steps)
     quiet: bool = False
+
+    def __post_init__(self):
+        check(MethodName(self.method).optimizes, "method", str(self.method),
+              "a method with an identity LoRA (fastdrag has none: nothing to train)")
 
 
 @dataclass

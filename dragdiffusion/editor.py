@@ -22,7 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .console import quiet_lightning
-from .attention import InversionKV, StepWindow, classic_attention, controlled_layer_names, inversion_kv, reference_control
+from .attention import (InversionKV, StepWindow, classic_attention, controlled_layer_names, inversion_kv,
+                        reference_control)
 from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone, prompt_token_mask,
                        unet_gradient_checkpointing)
 from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
@@ -178,8 +179,9 @@ class DragEditor:
         z0 = encode_image(self.backbone, to_model_input(sample.image, work_hw).to(self.device))
         kv = InversionKV() if make_method(self.cfg).inversion_kv else None
         # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
+        at = None if kv is None else (lambda i, t: kv.at(t))
         with self.drag_attention(), self.recording_kv(kv):  # the reference's inversion: the attention of its drag
-            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts, on_step=None if kv is None else (lambda i, t: kv.at(t)))
+            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts, on_step=at)
         return DragStart(z_t, int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps), tuple(work_hw),
                          cond, uncond, float(d.guidance_scale), kv=kv)
 

@@ -184,7 +184,8 @@ class EvaluationItems(Dataset):
 def result_roots(results: Path) -> list[Path]:
     """Where the results of each sample are: ``results`` itself, or, when it holds one folder per method (a batch
     with ``methods=[...]``: ``<results>/<method>/<sample>/``), each of those method folders."""
-    per_method = sorted(p for p in results.iterdir() if p.is_dir() and split_method_name(p.name)[0] in known_methods()) \
+    known = known_methods()
+    per_method = sorted(p for p in results.iterdir() if p.is_dir() and split_method_name(p.name)[0] in known) \
         if results.is_dir() else []
     return per_method or [results]
 

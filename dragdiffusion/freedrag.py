@@ -136,10 +136,10 @@ class FreeDragState:
 class FreeDragMoves(DragCallback):
     """FreeDrag's loop around the drag module's Adam steps. At the forward that starts a move (the first, and
     each one after a move ended), with that forward's features: the previous move's ``loss_end`` per point, which
-    points are done (closer than ``threshold_d`` to the target, strictly, as FreeDrag's code, and loss_end <= l / 2), the template update
-    T = w window + (1 - w) T (w = 1 for done points); stop when every point is done; else ``plan_moves``. A move
-    ends after ``steps_per_move`` Adam steps, or after the step at which the largest per-point distance fell below
-    l / 2. ``motion_loss`` is the differentiable term: sum over points of mean L1(window at the point, template).
+    points are done (closer than ``threshold_d`` to the target, strictly, as FreeDrag's code, and loss_end <= l / 2),
+    the template update T = w window + (1 - w) T (w = 1 for done points); stop when every point is done; else
+    ``plan_moves``. A move ends after ``steps_per_move`` Adam steps, or after the step at which the largest
+    per-point distance fell below l / 2. ``motion_loss`` is the differentiable term: sum over points of mean L1(window at the point, template).
     The Adam budget (``max_step``) is the Trainer's ``max_steps``."""
 
     def __init__(self, k: FreeDragConstants, win_r: int = 4, steps_per_move: int = 5):

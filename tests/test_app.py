@@ -206,7 +206,7 @@ def test_bad_inputs_give_messages_and_the_app_keeps_serving(page, tmp_path):
     assert run(page).startswith("error: points:")
     add_pair(page, (w * 0.3, h * 0.5), (w * 0.5, h * 0.5))
     done = run(page)  # no mask painted: allowed (no region constraint), with a warning in the page
-    assert done.startswith("done (dragdiffusion):"), done
+    assert done.startswith("done (dragdiffusion) in "), done
     assert "no mask painted" in done
     result = Image.open(io.BytesIO(download(page, "result_file")))
     assert result.size == (160, 120)
@@ -219,7 +219,7 @@ def test_page_edit_replays_bit_for_bit_through_edit_py(page, tmp_path):
     paint(page, 0.3, 0.7, 0.5)
     add_pair(page, (w * 0.35, h * 0.5), (w * 0.55, h * 0.5))
     done = run(page)
-    assert done.startswith("done (dragdiffusion):"), done
+    assert done.startswith("done (dragdiffusion) in "), done
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     result = np.asarray(Image.open(io.BytesIO(download(page, "result_file"))).convert("RGB"))
     assert result.shape == (120, 160, 3)  # the input's size, not the working size (128 x 96)
@@ -249,7 +249,7 @@ def test_generated_image_drag_in_the_page(page, tmp_path):
     w, h = view_size(page)
     add_pair(page, (w * 0.4, h * 0.5), (w * 0.6, h * 0.5))
     done = run(page)
-    assert done.startswith("done (dragdiffusion):"), done
+    assert done.startswith("done (dragdiffusion) in "), done
     result = Image.open(io.BytesIO(download(page, "result_file")))
     assert result.size == (128, 96)
     zipfile.ZipFile(io.BytesIO(download(page, "replay_file"))).extractall(tmp_path / "replay")
@@ -259,9 +259,12 @@ def test_generated_image_drag_in_the_page(page, tmp_path):
 
 def test_app_jobs_take_the_method_preset():
     from dragdiffusion.app_jobs import method_names, method_settings, page_config, settings_changes
-    assert method_names() == ["dragdiffusion", "dragnoise", "freedrag", "gooddrag"]
+    assert method_names() == ["dragdiffusion", "dragdiffusion+text", "dragnoise", "dragnoise+text", "fastdrag",
+                              "freedrag", "freedrag+text", "gooddrag", "gooddrag+text"]
     values = method_settings(None, ["model=tiny"], "gooddrag")
-    assert (values["lora_steps"], values["lr"], values["strength"]) == (70, 0.02, 0.75)
+    assert (values["lora_steps"], values["lr"], values["strength"], values["lora_on"]) == (70, 0.02, 0.75, True)
+    assert not method_settings(None, ["model=tiny"], "fastdrag")["lora_on"]
+    assert page_config(None, ["model=tiny"], None, {}, "gooddrag+text").text.optimize
     changes = settings_changes(128, 42, False, 70, 80, 0.1, 0.75, 0.02, [2])
     cfg = page_config(None, ["model=tiny"], None, changes, "gooddrag")
     assert str(cfg.method) == "gooddrag" and cfg.drag.r_p == 12 and cfg.gooddrag.drag_end_step == 7
@@ -271,13 +274,26 @@ def test_app_jobs_take_the_method_preset():
 def test_gooddrag_runs_in_the_page(page, tmp_path):
     page.get_by_text("Settings").first.click()
     page.locator("#method input").click()
-    page.get_by_role("option", name="gooddrag").click()
+    page.get_by_role("option", name="gooddrag", exact=True).click()
     page.wait_for_function("document.querySelector('#method input').value === 'gooddrag'")
     upload(page, make_image(tmp_path / "in.png"))
     w, h = view_size(page)
     add_pair(page, (w * 0.35, h * 0.5), (w * 0.55, h * 0.5))
     done = run(page)
-    assert done.startswith("done (gooddrag):"), done
+    assert done.startswith("done (gooddrag) in "), done
     zipfile.ZipFile(io.BytesIO(download(page, "replay_file"))).extractall(tmp_path / "replay")
     config = (tmp_path / "replay" / "drag_edit" / "config.yaml").read_text()
     assert "method: gooddrag" in config and "drag_end_step: 7" in config
+
+
+@pytest.mark.browser
+def test_fastdrag_runs_in_the_page_and_says_its_time(page, tmp_path):
+    page.get_by_text("Settings").first.click()
+    page.locator("#method input").click()
+    page.get_by_role("option", name="fastdrag", exact=True).click()
+    page.wait_for_function("document.querySelector('#method input').value === 'fastdrag'")
+    upload(page, make_image(tmp_path / "in.png"))
+    w, h = view_size(page)
+    add_pair(page, (w * 0.35, h * 0.5), (w * 0.55, h * 0.5))
+    done = run(page)
+    assert done.startswith("done (fastdrag) in ") and "one latent warp" in done, done

@@ -75,3 +75,27 @@ def test_folder_without_model_index_is_a_clear_error(tmp_path):
         load_backbone(model_cfg(f"model.name_or_path={tmp_path}"), CPU)
     with pytest.raises(ModelLoadError, match="model.vae"):
         load_backbone(model_cfg("model=tiny", f"model.vae={tmp_path / 'missing-vae'}"), CPU)
+
+
+def test_a_unet_from_another_folder_replaces_the_base_models(tmp_path, tiny_model_dir):
+    """model.unet: FastDrag's LCM benchmark runs an LCM-distilled UNet beside SD 1.5's text encoder and VAE; a UNet
+    folder (its config.json) or a pipeline folder (its unet/) is taken, the rest stays the base model's."""
+    from diffusers import UNet2DConditionModel
+    base = load_backbone(model_cfg("model=tiny"), CPU)
+    other = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    other.save_pretrained(tmp_path / "my-unet")
+    swapped = load_backbone(model_cfg("model=tiny", f"model.unet={tmp_path / 'my-unet'}"), CPU)
+    assert not torch.equal(unet_out(swapped), unet_out(base))
+    assert torch.equal(unet_out(swapped), unet_out(swapped))
+    w = "conv_in.weight"
+    assert torch.equal(swapped.unet.state_dict()[w], other.state_dict()[w])
+    assert torch.equal(swapped.vae.state_dict()["encoder.conv_in.weight"], base.vae.state_dict()["encoder.conv_in.weight"])
+    assert swapped.scheduler.config.steps_offset == 1  # the reference DDIM scheduler stays
+    from_pipeline_folder = load_backbone(model_cfg("model=tiny", f"model.unet={tiny_model_dir}"), CPU)
+    assert torch.equal(unet_out(from_pipeline_folder), unet_out(base))
+    from dragdiffusion.errors import ModelLoadError
+    with pytest.raises(ModelLoadError, match="model.unet"):
+        load_backbone(model_cfg("model=tiny", f"model.unet={tmp_path / 'missing'}", "model.local_files_only=true"), CPU)

@@ -24,6 +24,9 @@ def test_fastdrag_preset_holds_its_published_defaults_and_other_presets_reset_th
     assert str(cfg.fastdrag.fill) == "interpolation" and list(cfg.fastdrag.kv_layers) == ["up_blocks"]
     back = load_config(None, ["method=fastdrag", "method=dragdiffusion"])
     assert back.lora.enabled and back.drag.num_inference_steps == 50
+    from dragdiffusion.config import MethodName
+    from dragdiffusion.methods import METHODS
+    assert {n: m.optimizes for n, m in METHODS.items()} == {m.value: m.optimizes for m in MethodName}
 
 
 # ------------------------------------------------------------------ the stretch and the displacement

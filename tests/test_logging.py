@@ -260,3 +260,12 @@ def test_two_process_batch_makes_one_wandb_run_with_every_sample(tmp_path, tiny_
         assert [h[key] for h in history(run_dir) if key in h] == traj["timestep"] and set(traj["timestep"]) == {traj["t"]}
     config = leet(run_dir, summary=True)["config"]
     assert config["trainer"]["devices"] == 2 and config["method"] == "dragdiffusion"
+
+
+def test_wandb_logs_how_far_dragtext_moved_the_embedding(tiny_editor, tmp_path):
+    result, run_dir, traj = edit_with_logger(tiny_editor, tmp_path, ["logger=wandb", "text.optimize=true",
+                                                                     "drag.stop_distance=0"])
+    rows = [r for r in history(run_dir) if "drag/text_shift" in r]
+    assert len(rows) == traj["iterations"] >= 2 and traj["method"]["name"] == "dragdiffusion+text"
+    assert [r["drag/text_shift"] for r in rows] == pytest.approx(traj["text_shift"], rel=1e-6, abs=1e-9)
+    assert rows[-1]["drag/text_shift"] > 0 and leet(run_dir, summary=True)["config"]["text"]["optimize"] is True
