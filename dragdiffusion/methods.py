@@ -17,7 +17,8 @@ What a method says (no ``if method ==`` elsewhere):
   (the undragged branch's F0(t) and x_prev0(t) at each drag step: one no-grad forward of the original latent,
   which is also that branch's DDIM step), ``needs_bottleneck``, ``reference_control``, ``inversion_rounding``;
 - ``denoise_bottleneck`` / ``denoise_bottleneck_steps``: a bottleneck propagated through the denoising (DragNoise);
-- ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record.
+- ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record; ``final_distance_of``: what its
+  final handle distance measures (tracked handles; FreeDrag: its planned template positions).
 
 DragDiffusion: drag at step 0 only (up to ``drag.n_pix_step`` iterations, F0 from its first forward), control
 from step 0: exactly the single-timestep pipeline. GoodDrag: drag at steps 0 .. ``gooddrag.drag_end_step - 1``
@@ -73,6 +74,9 @@ class DragMethod:
     reference_control = True  # the denoising after the drag: [original, edited] with control, or the edited alone
     control_from_drag_step = False  # True: the step that dragged is denoised with control (DragDiffusion)
     inversion_rounding = "floor"  # inverted steps = int(steps x strength); "round": rounded half up
+    # what trajectory.json's final_distance_px measures (summary.csv says it per sample): not comparable across
+    # methods whose handles mean different things
+    final_distance_of = "tracked handles"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -209,6 +213,7 @@ class FreeDragMethod(DragMethod):
     at most ``freedrag.max_step`` Adam steps; denoising as DragDiffusion's."""
     name = MethodName.freedrag.value
     control_from_drag_step = True
+    final_distance_of = "planned template positions (FreeDrag does not track)"
 
     def __init__(self, cfg):
         super().__init__(cfg)
