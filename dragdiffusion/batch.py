@@ -14,7 +14,8 @@ How it runs:
   module lives on one device, so no gradient is ever averaged across ranks.
 - Outputs mirror the input tree: ``<out>/<category>/<sample>/`` (``EditResult.save``: atomic writes,
   dragged_image.png last). Rows of all ranks are gathered to rank 0, which writes ``<out>/summary.json`` and
-  ``summary.csv`` (sample, status ok/failed/skipped, iterations, final distance, seconds, error).
+  ``summary.csv`` (sample, status ok/failed/skipped, iterations, final distance and what it measures, seconds,
+  error).
 - Resume: a sample whose dragged_image.png and trajectory.json exist is skipped if its config.yaml has this run's
   result-shaping settings (model, drag, lora, reference, seed, precision); finished samples made with other
   settings refuse the run (naming the keys) unless ``overwrite=true`` redoes them. The rest are (re)done.
