@@ -35,8 +35,10 @@ same settings (other settings: refused, or redone with overwrite=true); lora_dir
 generate=true prompt=TEXT points=JSON [mask=PATH]: sample the image (generation.seed, .guidance_scale, .steps,
 .width, .height) and drag it without inversion (also writes generated_image.png); with sample=DIR the points,
 mask and prompt come from that folder (a replay folder saved by the browser app).
-With data=DIR, evaluate=true then scores out=DIR as DragBench (MD / IF, configs/evaluate.yaml with the run's
-trainer and logger; more keys: evaluate_overrides='[model=tiny,mean_distance.ensemble_size=2]').
+With data=DIR, evaluate=true then scores out=DIR (MD, m-MD, IF, DAI: configs/evaluate.yaml with the run's
+trainer and logger; more keys: evaluate_overrides='[model=tiny,mean_distance.ensemble_size=2]'), writing
+evaluation*.csv|json and the paper tables and report.html of <out>/comparison/; its keys, torchvision (IF) and the
+DIFT model (MD) are checked before the first edit (README: Compare methods).
 Exit status: 0 done, 1 a sample failed, 2 bad config or input (checked before any model loads), 3 a process
 of a multi-device batch was lost (the summary lists what finished; run the same command again to resume;
 trainer.timeout_s=300: how long the others wait for a process that finishes no sample),
@@ -141,6 +143,9 @@ def main(argv=None) -> int:
         policy = DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if not cfg.data:
             return edit_one(cfg, policy)
+        if cfg.evaluate:  # the evaluation's config, models and dependencies, before the first edit
+            from dragdiffusion.evaluation import evaluation_before_batch
+            evaluation_before_batch(cfg)
         from dragdiffusion.batch import run_batch
         if cfg.methods:  # one batch per method, <out>/<method>/, then one evaluation over all of them
             status = 0

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from safetensors import safe_open
 
 from .conditioning import Conditioning
@@ -143,6 +143,38 @@ def pipeline_kind(name: str, single_file_config: str | None = None, local_files_
                 return "sd"
         return "sd"
     return _kind_of_pipeline_id(name, local_files_only)
+
+
+def _in_hub_cache(repo_id: str, file: str) -> bool:
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, file), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not in the cache
+        return False
+
+
+def model_missing(model_cfg) -> str | None:
+    """Without loading anything: why ``model.name_or_path`` (and ``model.vae``) cannot be loaded, or None. A tiny
+    model, a diffusers folder with its model_index.json, an existing single file and a hub id in the Hugging Face
+    cache are there; a hub id that is not cached is missing when downloads are off (``HF_HUB_OFFLINE=1`` or
+    ``model.local_files_only=true``), else it is downloaded when it loads (None)."""
+    local_only = bool(model_cfg.local_files_only) or _offline()
+    for key, name, index in (("model.name_or_path", str(model_cfg.name_or_path), "model_index.json"),
+                             ("model.vae", str(model_cfg.vae or ""), "config.json")):
+        if not name or (key == "model.name_or_path" and name in TINY_MODELS):
+            continue
+        path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            if index == "model_index.json" and not (path / index).is_file():
+                return f"{key}={name}: the folder has no model_index.json (expected a diffusers pipeline folder)"
+            continue
+        if path.suffix in SINGLE_FILE_SUFFIXES or path.is_absolute() or name.startswith((".", "~")):
+            if not path.is_file():
+                return f"{key}={name}: no such file or folder"
+            continue
+        if local_only and not _in_hub_cache(name, index):
+            return (f"{key}={name}: not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1 or "
+                    "model.local_files_only=true)")
+    return None
 
 
 def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):

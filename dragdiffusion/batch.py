@@ -14,7 +14,8 @@ How it runs:
   module lives on one device, so no gradient is ever averaged across ranks.
 - Outputs mirror the input tree: ``<out>/<category>/<sample>/`` (``EditResult.save``: atomic writes,
   dragged_image.png last). Rows of all ranks are gathered to rank 0, which writes ``<out>/summary.json`` and
-  ``summary.csv`` (sample, status ok/failed/skipped, iterations, final distance, seconds, error).
+  ``summary.csv`` (sample, status ok/failed/skipped, iterations, final distance and what it measures, seconds,
+  error).
 - Resume: a sample whose dragged_image.png and trajectory.json exist is skipped if its config.yaml has this run's
   result-shaping settings (model, drag, lora, reference, seed, precision); finished samples made with other
   settings refuse the run (naming the keys) unless ``overwrite=true`` redoes them. The rest are (re)done.
@@ -64,7 +65,10 @@ from .policy import DevicePolicy, distributed_trainer
 from .sample import ReadLimits
 from .signals import deferred_signals
 
-SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "seconds", "error", "rank")
+# final_distance_of: what final_distance_px measures for the sample's method (the method's final_distance_of:
+# "tracked handles"; FreeDrag's planned template positions are not comparable with them)
+SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "final_distance_of", "seconds", "error",
+                  "rank")
 
 
 class NonFiniteResultError(DragError):
@@ -109,10 +113,13 @@ def mean_or_none(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def row(name: str, status: str, iterations=None, distance=None, seconds=None, error=None, rank=None) -> dict:
-    """One line of the summary; ``final_distance_px`` is the mean over the sample's handles, ``rank`` the process."""
+def row(name: str, status: str, iterations=None, distance=None, seconds=None, error=None, rank=None,
+        distance_of=None) -> dict:
+    """One line of the summary; ``final_distance_px`` is the mean over the sample's handles (``distance_of``: what
+    those handles are, the method's ``final_distance_of``), ``rank`` the process."""
     return {"sample": name, "status": status, "iterations": iterations, "final_distance_px": distance,
-            "seconds": None if seconds is None else round(float(seconds), 3), "error": error, "rank": rank}
+            "final_distance_of": distance_of, "seconds": None if seconds is None else round(float(seconds), 3),
+            "error": error, "rank": rank}
 
 
 @rank_zero_only
@@ -190,13 +197,15 @@ class EditJob(Job):
         if cfg.logger.name != "none":
             self.media[name] = edit_media(result)
         t = result.trajectory
-        return {"iterations": t["iterations"], "final_distance_px": mean_or_none(t["final_distance_px"])}
+        return {"iterations": t["iterations"], "final_distance_px": mean_or_none(t["final_distance_px"]),
+                "final_distance_of": t.get("final_distance_of")}
 
     def finished_row(self, name: str) -> dict:
         """The row of a sample finished by an earlier run (figures read back from its trajectory.json)."""
         try:
             t = json.loads((self.out_root / name / "trajectory.json").read_text())
-            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")), 0.0, rank=0)
+            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")), 0.0, rank=0,
+                       distance_of=t.get("final_distance_of"))
         except (OSError, ValueError):
             return super().finished_row(name)
 
@@ -231,7 +240,7 @@ def run_item(job, item: dict, rank: int = 0) -> dict:
         error = first_line if isinstance(exc, DragError) else f"{exc.__class__.__name__}: {first_line}"
         return row(name, "failed", seconds=time.perf_counter() - tic, error=error, rank=rank)
     return row(name, "ok", figures.get("iterations"), figures.get("final_distance_px"), time.perf_counter() - tic,
-               rank=rank)
+               rank=rank, distance_of=figures.get("final_distance_of"))
 
 
 class BatchModule(L.LightningModule):

@@ -196,6 +196,8 @@ class DragEditModule(L.LightningModule):
         self.stop_step: int | None = None
         # per iteration (tensors during the fit, numbers after it): handles (row, col) and every loss term
         self.history: dict[str, list] = {"handles": [], "motion_loss": [], "mask_loss": [], "loss": []}
+        if text is not None:
+            self.history.update({name: [] for name in TEXT_SERIES})
 
     # ------------------------------------------------------------------ the UNet as a function of z
     def eps_and_features(self, z: torch.Tensor, need_eps: bool = True):

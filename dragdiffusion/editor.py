@@ -36,7 +36,7 @@ from .generated import GeneratedImage, sample_image
 from .images import latent_mask, to_model_input, to_uint8
 from .io import save_json, save_png, save_text
 from .loggers import TrajectoryLogger, log_edit_result, log_lora_artifact, lora_callbacks
-from .features import StepGatedBottleneck, mid_block_output
+from .features import StepGatedBottleneck, UNetPasses, mid_block_output
 from .methods import (DragDiffusionMethod, DragMethod, DragParts, DragStepContext, TransformInput, TransformStep,
                       UndraggedStep, make_method)
 from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
@@ -91,6 +91,7 @@ class DragStart:
     lora_file: str | None = None
     seconds: dict = field(default_factory=dict)
     kv: InversionKV | None = None  # the inversion's self-attention keys and values (FastDrag), freed after the edit
+    unet_passes: dict = field(default_factory=dict)  # UNet forward calls of the stages before the drag
 
     @property
     def drag_cond(self) -> torch.Tensor:
@@ -422,10 +423,12 @@ class DragEditor:
         seconds = dict(start.seconds)
         try:
             tic = time.perf_counter()
-            z_orig, z_edit, from_step, modules, method = self.drag_along_spine(sample, start, callbacks, logger)
+            with UNetPasses(self.backbone.unet) as drag_passes:
+                z_orig, z_edit, from_step, modules, method = self.drag_along_spine(sample, start, callbacks, logger)
             seconds["drag"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            z = self.denoise(start, z_edit, z_orig, from_step, method, modules)
+            with UNetPasses(self.backbone.unet) as denoise_passes:
+                z = self.denoise(start, z_edit, z_orig, from_step, method, modules)
             image = to_uint8(decode_latent(self.backbone, z[-1:]), (sample.height, sample.width))
             seconds["denoise"] = time.perf_counter() - tic
         finally:
@@ -433,7 +436,9 @@ class DragEditor:
                 start.kv.clear()
         run = DragRun.of(modules, start, from_step)
         trajectory = edit_trajectory(run, sample, start, seconds)
+        trajectory["unet_passes"] = {**start.unet_passes, "drag": drag_passes.count, "denoise": denoise_passes.count}
         trajectory["method"] = {"name": method_label(self.cfg), **method.settings(), **text_settings(self.cfg, method)}
+        trajectory["final_distance_of"] = method.final_distance_of
         trajectory.update(method.trajectory_extra())
         result = EditResult(image, trajectory, sample, seconds, start.z_t.detach(), z_edit.detach().clone())
         log_edit_result(logger, result)  # before/after pair + trajectory table (nothing without a logger)
@@ -447,12 +452,15 @@ class DragEditor:
         check_backbone_layers(self.cfg, self.backbone.unet)
         L.seed_everything(int(self.cfg.seed), verbose=False)
         tic = time.perf_counter()
-        lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
+        with UNetPasses(self.backbone.unet) as lora_passes:
+            lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
         lora_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
-        start = self.invert(sample)
+        with UNetPasses(self.backbone.unet) as inversion_passes:
+            start = self.invert(sample)
         start.lora_file = lora_file
         start.seconds = {"lora": lora_seconds, "inversion": time.perf_counter() - tic}
+        start.unet_passes = {"lora": lora_passes.count, "inversion": inversion_passes.count}
         return self.run(sample, start, callbacks, logger)
 
     def edit_generated(self, generated: GeneratedImage, points, mask=None, callbacks=(), logger=False) -> EditResult:
@@ -464,6 +472,7 @@ class DragEditor:
         remove_identity_lora(self.backbone.unet)  # a previous real-image edit may have left its LoRA
         start = self.start_from_generated(generated)
         start.seconds = {"lora": 0.0, "inversion": 0.0}
+        start.unet_passes = {"lora": 0, "inversion": 0}
         result = self.run(sample, start, callbacks, logger)
         result.trajectory["generated"] = {"prompt": generated.prompt, "negative_prompt": generated.negative_prompt,
                                           "seed": generated.seed, "guidance_scale": float(generated.guidance_scale)}

@@ -1,17 +1,23 @@
 """Drag-editing evaluation as a Lightning validation run over a results folder: Mean Distance (MD) and its masked
 variant (m-MD) from one set of DIFT features, Image Fidelity (IF) and the Drag Accuracy Index (DAI, no model).
 
-``python -m dragdiffusion.evaluate`` (evaluate.py) is the command line; ``evaluate(cfg)`` the function. Each process
-evaluates its shard of the samples (sorted, unpadded); the metrics sum exactly across processes; rank 0 writes
-``evaluation.json``, ``evaluation_samples.csv``, ``evaluation_categories.csv`` and ``evaluation_methods.csv`` and
-logs to the logger. The method of each result and its result-shaping settings are read from the
-``<results>/<sample>/config.yaml`` an edit writes (no ``method`` key: an older DragDiffusion result). A results
-folder holding one folder per method (``edit.py data=DIR methods=[...]``: ``<results>/<method>/<sample>/``) is
-evaluated as a whole: every method's results in one run, reported per method.
+``python -m dragdiffusion.evaluate`` (evaluate.py) is the command line; ``evaluate(cfg)`` the function;
+``check_evaluation(cfg)`` says what it needs that is missing (config keys, torchvision, the DIFT model) before
+anything runs (``edit.py data=DIR evaluate=true`` calls it before the first edit). Each process evaluates its shard
+of the samples (sorted, unpadded); the metrics sum exactly across processes; rank 0 writes ``evaluation.json``,
+``evaluation_samples.csv``, ``evaluation_categories.csv``, ``evaluation_methods.csv``, ``evaluation_settings.csv``
+and the paper tables and report of ``comparison/`` (``comparison.py``, ``report.py``), and logs to the logger.
+The method of each result is its trajectory.json's method name (else its config.yaml's ``method``; no ``method``
+key: an older DragDiffusion result); its result-shaping settings are read from the config.yaml an edit writes
+beside it; its seconds and UNet passes from its trajectory.json. The dataset of a sample is its layout (DragBench,
+Drag100, our folder format). A results folder holding one folder per method (``edit.py data=DIR methods=[...]``:
+``<results>/<method>/<sample>/``) is evaluated as a whole: every method's results in one run, reported per
+dataset and method.
 """
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -23,14 +29,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .backbone import load_backbone
+from .backbone import load_backbone, model_missing
 from .batch import gather_rows, say
+from .comparison import (STATUSES, UNKNOWN_DATASET, aggregate, category_rows, category_tables, comparison_tables,
+                         dai_key, dataset_title, group_table, to_csv, to_latex, to_markdown, wandb_rows)
 from .config import (CONFIG_DIR, TEXT_SUFFIX, EvaluateConfig, load_config, method_label, split_method_name,
                      to_container)
 from .data.datamodule import ShardSampler, as_list
-from .data.readers import LAYOUTS_HELP, find_samples, read_sample
+from .data.readers import LAYOUTS_HELP, find_samples, read_sample, sample_layout
 from .errors import ConfigError, DragError, ModelLoadError
 from .io import save_json, save_text
 from .loggers import close_logger, log_table, make_logger
@@ -38,15 +47,17 @@ from .images import as_image_tensor, resize_uint8
 from .metrics import DragAccuracyIndex, ImageFidelity, MeanDistance
 from .outputs import EDIT_RESULT_KEYS, IGNORED, check_writable, saved_config, setting
 from .policy import DevicePolicy, distributed_trainer
-from .sample import DEFAULT_LIMITS, ReadLimits, read_image
+from .report import jpeg_thumbnail, render_report, report_cells
+from .sample import DEFAULT_LIMITS, ReadLimits, check_file_size, draw_drag, read_image
 
 EVALUATE_YAML = CONFIG_DIR / "evaluate.yaml"
-SAMPLE_COLUMNS = ("sample", "category", "method", "status", "n_pairs", "mean_distance", "masked_mean_distance",
-                  "image_fidelity", "message")  # + dai_<gamma> before message (sample_columns)
-CATEGORY_COLUMNS = ("category", "n_samples", "n_evaluated", "n_pairs", "mean_distance", "masked_mean_distance",
-                    "image_fidelity")  # + dai_<gamma> (category_columns)
+SAMPLE_COLUMNS = ("sample", "dataset", "category", "method", "status", "n_pairs", "mean_distance",
+                  "masked_mean_distance", "image_fidelity", "seconds", "unet_passes",
+                  "message")  # + dai_<gamma> after image_fidelity (sample_columns)
+FIGURE_COLUMNS = ("n_samples", "n_evaluated", "n_pairs", "mean_distance", "masked_mean_distance",
+                  "image_fidelity")  # + dai_<gamma>, seconds, unet_passes (figure_columns)
 METRIC_KEYS = ("mean_distance", "masked_mean_distance", "image_fidelity")  # + dai_<gamma>
-STATUSES = ("ok", "missing", "size_mismatch", "error")
+COMPARISON_DIR = "comparison"  # <out>/comparison/: the paper tables and report.html
 DEFAULT_METHOD = "dragdiffusion"  # a result config.yaml without a method key: made before methods existed
 UNKNOWN_METHOD = "unknown"  # no config.yaml beside the result (another code base's output)
 # the settings that shape a result, read from each result's config.yaml and reported per method
@@ -54,16 +65,13 @@ METHOD_RESULT_KEYS = ("method",) + tuple(k for k in EDIT_RESULT_KEYS if k != "me
 _ABSENT = object()
 
 
-def dai_key(gamma: int) -> str:
-    return f"dai_{int(gamma)}"
-
-
 def sample_columns(gammas=()) -> tuple[str, ...]:
-    return SAMPLE_COLUMNS[:-1] + tuple(dai_key(g) for g in gammas) + SAMPLE_COLUMNS[-1:]
+    i = SAMPLE_COLUMNS.index("image_fidelity") + 1
+    return SAMPLE_COLUMNS[:i] + tuple(dai_key(g) for g in gammas) + SAMPLE_COLUMNS[i:]
 
 
-def category_columns(gammas=()) -> tuple[str, ...]:
-    return CATEGORY_COLUMNS + tuple(dai_key(g) for g in gammas)
+def figure_columns(gammas=()) -> tuple[str, ...]:
+    return FIGURE_COLUMNS + tuple(dai_key(g) for g in gammas) + ("seconds", "unet_passes")
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -124,20 +132,48 @@ def category_of(name: str) -> str:
     return "" if parent == "." else parent
 
 
-def new_row(name: str) -> dict:
-    return {"sample": name, "category": category_of(name), "method": None, "status": "ok", "message": "",
-            "n_pairs": None, "mean_distance": None, "masked_mean_distance": None, "image_fidelity": None,
-            "size": None, "pairs": []}
+def new_row(name: str, dataset: str = UNKNOWN_DATASET) -> dict:
+    return {"sample": name, "dataset": dataset, "category": category_of(name), "method": None, "status": "ok",
+            "message": "", "n_pairs": None, "mean_distance": None, "masked_mean_distance": None,
+            "image_fidelity": None, "seconds": None, "unet_passes": None, "result": None, "size": None, "pairs": []}
+
+
+def edit_record(folder: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict:
+    """What the trajectory.json beside a result says about its edit: the method's name, the edit's seconds (LoRA,
+    inversion, drag, denoising and decoding) and its UNet passes (every stage's forward calls; results made before
+    they were counted: None). {} without a readable trajectory.json (another code base's result)."""
+    path = folder / "trajectory.json"
+    try:
+        check_file_size(path, "trajectory.json", None, limits)
+        t = json.loads(path.read_text())
+    except (OSError, ValueError, DragError):
+        return {}
+    if not isinstance(t, dict):
+        return {}
+    method = t.get("method")
+    return {"method": method.get("name") if isinstance(method, dict) else None,
+            "seconds": _stage_total(t.get("seconds")), "unet_passes": _stage_total(t.get("unet_passes"))}
+
+
+def _stage_total(stages) -> float | int | None:
+    """The sum of a trajectory.json {stage: figure} record; None where there is none."""
+    if not isinstance(stages, dict) or not stages:
+        return None
+    return sum(v for v in stages.values() if isinstance(v, (int, float)))
 
 
 def load_item(name: str, folder: str | Path, results: str | Path, result_name: str,
               resize_mismatched: bool = False, limits: ReadLimits = DEFAULT_LIMITS) -> dict:
     """{row, sample, edited}: the sample, its edited image, and a row whose status says what is wrong
     (missing: no output; size_mismatch: an output of another size; error: unreadable). Never raises DragError."""
-    row = new_row(name)
+    row = new_row(name, sample_layout(folder) or UNKNOWN_DATASET)
     item = {"row": row, "sample": None, "edited": None}
     saved = saved_config(Path(results) / name)
-    row["method"], row["settings"] = method_name(saved), result_settings(saved)  # settings: for the summary
+    record = edit_record(Path(results) / name, limits)
+    row["method"] = record.get("method") or method_name(saved)
+    row["settings"] = result_settings(saved)  # for the summary
+    row["seconds"], row["unet_passes"] = record.get("seconds"), record.get("unet_passes")
+    row["result"] = str(Path(results) / name / result_name)
     try:
         sample = read_sample(folder, name, limits)
     except DragError as exc:
@@ -181,47 +217,33 @@ class EvaluationItems(Dataset):
                          self.limits)
 
 
+def is_method_folder(folder: Path) -> bool:
+    """A folder of one method's batch: named after a method preset, or holding a batch summary.json that names
+    its method (``edit.py data=DIR methods=[...]`` writes ``<out>/<method>/summary.json``)."""
+    if not folder.is_dir():
+        return False
+    if folder.name in known_methods():
+        return True
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and bool(summary.get("method"))
+
+
 def result_roots(results: Path) -> list[Path]:
     """Where the results of each sample are: ``results`` itself, or, when it holds one folder per method (a batch
     with ``methods=[...]``: ``<results>/<method>/<sample>/``), each of those method folders."""
-    known = known_methods()
-    per_method = sorted(p for p in results.iterdir() if p.is_dir() and split_method_name(p.name)[0] in known) \
-        if results.is_dir() else []
+    per_method = sorted(f for f in results.iterdir() if is_method_folder(f)) if results.is_dir() else []
     return per_method or [results]
 
 
 # ----------------------------------------------------------------------------------------------- tables
 
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
-
-
-def aggregate(rows: list[dict], gammas=()) -> dict:
-    """The figures of a group of rows: status counts, samples, evaluated samples, pairs (of the evaluated ones),
-    MD and m-MD (means over the pairs), IF and DAI at each gamma (means over the images)."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    pairs = [p for r in ok for p in r["pairs"]]
-    out = {"n_samples": len(rows), "n_evaluated": len(ok), "n_pairs": sum(r["n_pairs"] or 0 for r in ok),
-           "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
-           "mean_distance": _mean(p["distance"] for p in pairs if p.get("distance") is not None),
-           "masked_mean_distance": _mean(p["masked_distance"] for p in pairs if p.get("masked_distance") is not None),
-           "image_fidelity": _mean(r["image_fidelity"] for r in ok if r["image_fidelity"] is not None)}
-    for g in gammas:
-        out[dai_key(g)] = _mean(r[dai_key(g)] for r in ok if r.get(dai_key(g)) is not None)
-    return out
-
-
-def category_table(rows: list[dict], gammas=()) -> list[dict]:
-    """Per category (sorted): samples, evaluated samples, pairs, MD / m-MD (means over the pairs), IF and DAI
-    (means over the images)."""
-    return [{"category": cat, **aggregate([r for r in rows if r["category"] == cat], gammas)}
-            for cat in sorted({r["category"] for r in rows})]
-
-
 def method_table(rows: list[dict], gammas=()) -> list[dict]:
-    """Per method (sorted): the figures as ``aggregate``, ``settings`` = the result-shaping settings all its
-    samples share (from their config.yaml) and ``varying`` = the setting keys whose values differ between them."""
+    """Per method (sorted): the figures as ``aggregate`` (over every dataset: the tables split them per dataset),
+    ``settings`` = the result-shaping settings all its samples share (from their config.yaml) and ``varying`` = the
+    setting keys whose values differ between them."""
     table = []
     for name in sorted({r.get("method") or UNKNOWN_METHOD for r in rows}):
         rs = [r for r in rows if (r.get("method") or UNKNOWN_METHOD) == name]
@@ -238,21 +260,26 @@ def _figure(value, spec: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
-def summary_line(summary: dict, label: str | None = None) -> str:
-    """MD, m-MD, IF, DAI at each gamma, pairs, samples evaluated (and what was not), under the method's name."""
+def summary_line(summary: dict, label: str) -> str:
+    """MD, m-MD, IF, DAI at each gamma, pairs, samples evaluated (and what was not), seconds per edit, under
+    ``label`` (a method on a dataset)."""
     unit = " px" if summary["distance_unit"] == "px" else " (of the diagonal)"
     gammas = list(summary.get("dai_gammas") or [])
     dai = "n/a"
     if gammas and any(summary.get(dai_key(g)) is not None for g in gammas):
         dai = "/".join(_figure(summary.get(dai_key(g)), ".4g") for g in gammas) + \
             f" (gamma {'/'.join(str(g) for g in gammas)})"
-    if label is None:
-        label = " + ".join(m["method"] for m in summary.get("methods") or []) or "results"
     counts = ", ".join(f"{summary['counts'][s]} {s}" for s in STATUSES[1:] if summary["counts"][s])
+    seconds = f" | {summary['seconds']:.1f} s/edit" if summary.get("seconds") is not None else ""
     return (f"{label}: MD {_figure(summary['mean_distance'], '.4g', unit)} | "
             f"m-MD {_figure(summary.get('masked_mean_distance'), '.4g', unit)} | "
             f"IF {_figure(summary['image_fidelity'], '.4f')} | DAI {dai} | {summary['n_pairs']} pairs | "
-            f"{summary['counts']['ok']}/{summary['n_samples']} samples evaluated" + (f" ({counts})" if counts else ""))
+            f"{summary['counts']['ok']}/{summary['n_samples']} samples evaluated" + (f" ({counts})" if counts else "")
+            + seconds)
+
+
+def group_label(group: dict) -> str:
+    return f"{group['method']} on {dataset_title(group['dataset'])}"
 
 
 def _finite_or_none(x) -> float | None:
@@ -264,14 +291,18 @@ def _finite_or_none(x) -> float | None:
 
 def make_report(rows: list[dict], mean_distance, image_fidelity, cfg: DictConfig, masked_mean_distance=None,
                 dai: dict | None = None) -> dict:
-    """The report: ``summary`` (overall figures from the metrics' exact sums; ``methods``: one entry per method
-    with its settings and figures), ``line`` (+ ``method_lines`` when the results mix methods), ``categories``,
-    ``samples``. ``dai``: {gamma: value} or None (DAI off)."""
-    rows = sorted(rows, key=lambda r: r["sample"])
+    """The report: ``summary`` (figures over every result from the metrics' exact sums; ``groups``: one entry per
+    dataset and method; ``methods``: one per method with its settings), ``lines`` (one summary line per dataset
+    and method), ``line`` (the only such line, or the counts when there are several), ``categories`` (per
+    dataset, method and category), ``samples``. ``dai``: {gamma: value} or None (DAI off)."""
+    rows = sorted(rows, key=lambda r: (r["sample"], r.get("method") or ""))
     gammas = [int(g) for g in dai] if dai is not None else []
     methods = method_table(rows, gammas)
     rows = [{k: v for k, v in r.items() if k != "settings"} for r in rows]
+    unit = "px" if cfg.mean_distance.normalize == "none" else cfg.mean_distance.normalize
+    groups = group_table(rows, gammas)
     summary = {
+        "groups": groups,
         "methods": methods,
         "mean_distance": _finite_or_none(mean_distance),
         "masked_mean_distance": _finite_or_none(masked_mean_distance),
@@ -282,14 +313,19 @@ def make_report(rows: list[dict], mean_distance, image_fidelity, cfg: DictConfig
         "n_pairs": sum(r["n_pairs"] or 0 for r in rows if r["status"] == "ok"),
         "n_samples": len(rows),
         "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
-        "distance_unit": "px" if cfg.mean_distance.normalize == "none" else cfg.mean_distance.normalize,
+        "distance_unit": unit,
     }
-    report = {"summary": summary, "line": summary_line(summary), "method_lines": [],
-              "categories": category_table(rows, gammas), "samples": rows}
-    if len(methods) > 1:
-        report["method_lines"] = [summary_line({**m, "distance_unit": summary["distance_unit"], "dai_gammas": gammas},
-                                               m["method"]) for m in methods]
-    return report
+    lines = [summary_line({**g, "distance_unit": unit, "dai_gammas": gammas}, group_label(g)) for g in groups]
+    if len(lines) == 1:
+        line = lines[0]
+    else:
+        datasets = [dataset_title(d) for d in sorted({g["dataset"] for g in groups})]
+        datasets = ", ".join(datasets[:-1]) + " and " + datasets[-1] if len(datasets) > 1 else datasets[0]
+        counts = ", ".join(f"{summary['counts'][s]} {s}" for s in STATUSES[1:] if summary["counts"][s])
+        line = (f"{len(methods)} method(s) on {datasets}: {summary['counts']['ok']}/{len(rows)} "
+                "results evaluated" + (f" ({counts})" if counts else "") + "; per method and dataset:")
+    return {"summary": summary, "line": line, "lines": lines, "categories": category_rows(rows, gammas),
+            "samples": rows}
 
 
 def _csv(rows: list[dict], columns) -> str:
@@ -300,25 +336,106 @@ def _csv(rows: list[dict], columns) -> str:
     return buf.getvalue()
 
 
-def write_report(out: str | Path, report: dict, cfg: DictConfig | None = None) -> Path:
-    """evaluation.json, evaluation_samples.csv, evaluation_categories.csv (with an ``all`` row) and
-    evaluation_methods.csv (settings as JSON text) in ``out``."""
+def settings_rows(methods: list[dict]) -> list[dict]:
+    """evaluation_settings.csv: one row per method and setting its results share (lists and mappings as JSON
+    text), then its varying keys with the value ``(varies)``."""
+    out = []
+    for m in methods:
+        for key, value in sorted(m["settings"].items()):
+            text = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+            out.append({"method": m["method"], "setting": key, "value": text})
+        out += [{"method": m["method"], "setting": key, "value": "(varies)"} for key in m["varying"]]
+    return out
+
+
+def write_report(out: str | Path, report: dict, cfg: DictConfig | None = None, media: list[dict] | None = None
+                 ) -> Path:
+    """evaluation.json (raw figures), evaluation_samples.csv, evaluation_categories.csv (per dataset, method and
+    category, and each method's ``all`` where a dataset has several categories), evaluation_methods.csv (per dataset
+    and method), evaluation_settings.csv (per method), and the paper tables and report of ``comparison/``
+    (``write_comparison``) in ``out``."""
     out = Path(out)
     summary = report["summary"]
     gammas = summary.get("dai_gammas") or []
-    doc = {"summary": summary, "line": report["line"], "method_lines": report.get("method_lines", []),
+    doc = {"summary": summary, "line": report["line"], "lines": report.get("lines", []),
            "categories": report["categories"], "samples": report["samples"]}
     if cfg is not None:
         doc["config"] = to_container(cfg)
     save_json(out / "evaluation.json", doc)
     save_text(out / "evaluation_samples.csv", _csv(report["samples"], sample_columns(gammas)))
-    overall = {**summary, "category": "all", "n_evaluated": summary["counts"]["ok"]}
-    save_text(out / "evaluation_categories.csv", _csv(report["categories"] + [overall], category_columns(gammas)))
-    methods = [{**m, "settings": json.dumps(m["settings"], sort_keys=True), "varying": " ".join(m["varying"])}
-               for m in summary["methods"]]
-    columns = ("method",) + category_columns(gammas)[1:] + ("varying", "settings")
-    save_text(out / "evaluation_methods.csv", _csv(methods, columns))
+    save_text(out / "evaluation_categories.csv",
+              _csv(report["categories"], ("dataset", "method", "category") + figure_columns(gammas)))
+    varying = {m["method"]: " ".join(m["varying"]) for m in summary["methods"]}
+    groups = [{**g, "varying": varying.get(g["method"], "")} for g in summary["groups"]]
+    save_text(out / "evaluation_methods.csv", _csv(groups, ("dataset", "method") + figure_columns(gammas)
+                                                    + ("varying",)))
+    save_text(out / "evaluation_settings.csv", _csv(settings_rows(summary["methods"]), ("method", "setting", "value")))
+    write_comparison(out / COMPARISON_DIR, report, media)
     return out
+
+
+def paper_tables(report: dict) -> tuple[dict, dict]:
+    """({dataset: comparison Table}, {dataset: per-category Table}) of a report."""
+    s = report["summary"]
+    gammas = s.get("dai_gammas") or []
+    return (comparison_tables(report["samples"], gammas, s["distance_unit"]),
+            category_tables(report["samples"], gammas, s["distance_unit"]))
+
+
+def write_comparison(folder: Path, report: dict, media: list[dict] | None = None) -> Path:
+    """``<dataset>.csv|.md|.tex`` (one row per method) and ``<dataset>_categories.csv|.md|.tex`` (per method and
+    category) for each dataset, and ``report.html`` (with ``media``: the samples' pictures) in ``folder``."""
+    comparisons, categories = paper_tables(report)
+    for name, tables in (("", comparisons), ("_categories", categories)):
+        for dataset, table in tables.items():
+            save_text(folder / f"{dataset}{name}.csv", to_csv(table))
+            save_text(folder / f"{dataset}{name}.md", to_markdown(table))
+            save_text(folder / f"{dataset}{name}.tex", to_latex(table))
+    methods = sorted({r["method"] for r in report["samples"]})
+    samples = [report_cells(m, folder) for m in media or []]
+    page = render_report("Drag editing: comparison of methods", comparisons, categories, samples, methods,
+                         [report["line"]] + (report["lines"] if len(report["lines"]) > 1 else []))
+    save_text(folder / "report.html", page)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+
+def collect_media(report: dict, data: str | Path, limits: ReadLimits = DEFAULT_LIMITS, size: int = 256
+                  ) -> list[dict]:
+    """Per sample (sorted): {sample, dataset, input, results: {method: {image, row}}}: the input with its drag
+    drawn (handles, targets, the editable region) and each method's result, as JPEG thumbnails of at most
+    ``size`` px (bytes; None where a picture cannot be read: its row says why)."""
+    by_sample: dict[str, list[dict]] = {}
+    for r in report["samples"]:
+        by_sample.setdefault(r["sample"], []).append(r)
+    media = []
+    for name, rows in sorted(by_sample.items()):
+        try:
+            s = read_sample(Path(data) / name, name, limits)
+            drawn = jpeg_thumbnail(draw_drag(s.image, s.handles, s.targets, s.mask), size)
+        except DragError:
+            drawn = None
+        results = {}
+        for r in rows:
+            image = None
+            if r.get("result") and Path(r["result"]).is_file():
+                try:
+                    image = jpeg_thumbnail(read_image(r["result"], "result", name, limits), size)
+                except DragError:
+                    image = None
+            results[r["method"]] = {"image": image, "row": r}
+        media.append({"sample": name, "dataset": rows[0]["dataset"], "input": drawn, "results": results})
+    return media
+
+
+def small_picture(jpeg: bytes | None, size: int = 128) -> Image.Image | None:
+    """A ``collect_media`` thumbnail made smaller, for a logger's table."""
+    if jpeg is None:
+        return None
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    image.thumbnail((size, size), Image.BILINEAR)
+    return image
 
 
 # ----------------------------------------------------------------------------------------------- Lightning
@@ -421,26 +538,68 @@ class EvaluationModule(L.LightningModule):
         self.report = make_report(rows, md, fid, self.cfg, masked_mean_distance=mmd, dai=dai)
 
 
-def log_report(logger, report: dict) -> None:
-    """The summary, per-category (and, when the results mix methods, per-method) figures as metrics, the
-    per-sample rows as a table (rank 0 only)."""
+def log_report(logger, report: dict, media: list[dict] | None = None) -> None:
+    """To the logger (rank 0 only): the figures as metrics (``eval/<key>`` over every result,
+    ``eval/<dataset>/<method>/<key>`` per dataset and method), the per-sample rows (``eval/samples``), the paper
+    tables (``eval/comparison/<dataset>``, ``eval/categories/<dataset>``) and, with ``media``, every sample's input
+    and each method's result side by side (``eval/side_by_side``: one row per sample, one image column per
+    method)."""
     if not logger:
         return
     s = report["summary"]
     gammas = s.get("dai_gammas") or []
     metrics = {"eval/n_pairs": s["n_pairs"], "eval/n_evaluated": s["counts"]["ok"]}
-    groups = [(c["category"] or "uncategorized", c) for c in report["categories"]]
-    if len(s["methods"]) > 1:
-        groups += [(f"method/{m['method']}", m) for m in s["methods"]]
-    for key in METRIC_KEYS + tuple(dai_key(g) for g in gammas):
-        if s.get(key) is not None:
-            metrics[f"eval/{key}"] = s[key]
-        for name, group in groups:
-            if group.get(key) is not None:
-                metrics[f"eval/{name}/{key}"] = group[key]
+    keys = METRIC_KEYS + tuple(dai_key(g) for g in gammas)
+    metrics.update({f"eval/{key}": s[key] for key in keys if s.get(key) is not None})
+    for g in s["groups"]:
+        metrics.update({f"eval/{g['dataset']}/{g['method']}/{key}": g[key]
+                        for key in keys + ("seconds", "unet_passes") if g.get(key) is not None})
     logger.log_metrics(metrics, step=0)
     columns = sample_columns(gammas)
     log_table(logger, "eval/samples", list(columns), [[r.get(k) for k in columns] for r in report["samples"]])
+    comparisons, categories = paper_tables(report)
+    for name, tables in (("comparison", comparisons), ("categories", categories)):
+        for dataset, table in tables.items():
+            headers, rows = wandb_rows(table)
+            log_table(logger, f"eval/{name}/{dataset}", headers, rows)
+    if media:
+        methods = sorted({r["method"] for r in report["samples"]})
+        rows = [[m["sample"], dataset_title(m["dataset"]), small_picture(m["input"])]
+                + [small_picture(m["results"][k]["image"]) if k in m["results"] else None for k in methods]
+                for m in media]
+        log_table(logger, "eval/side_by_side", ["sample", "dataset", "input"] + methods, rows)
+
+
+def evaluation_problems(cfg: DictConfig, mean_distance=None, image_fidelity=None, dai=None) -> list[str]:
+    """What the evaluation needs and does not have, each a sentence naming it and how to fix it; found without
+    loading a model: the metrics' switches, torchvision (Image Fidelity's LPIPS) and the DIFT model's files (MD)."""
+    problems = []
+    if cfg.image_fidelity.enabled and image_fidelity is None and importlib.util.find_spec("torchvision") is None:
+        problems.append("image_fidelity: LPIPS needs torchvision, which is not installed: install the evaluation "
+                        "extra where torch has a matching torchvision (pip install -e \".[eval]\"; it downloads "
+                        "the ImageNet AlexNet weights once), or turn the metric off with "
+                        "image_fidelity.enabled=false")
+    if cfg.mean_distance.enabled and mean_distance is None:
+        missing = model_missing(cfg.model)
+        if missing:
+            problems.append(f"mean_distance: the DIFT model is missing ({missing}): download it once where "
+                            f"there is network (hf download {cfg.model.name_or_path}) or give a local copy with "
+                            "model.name_or_path=/path/to/folder, or turn MD off with mean_distance.enabled=false "
+                            "(DAI and IF need no DIFT model)")
+    return problems
+
+
+def check_evaluation(cfg: DictConfig, mean_distance=None, image_fidelity=None, dai=None, where: str = "") -> None:
+    """A ConfigError when every metric is off; a ModelLoadError listing ``evaluation_problems``, if any (both exit
+    status 2); ``where`` prefixes the message (``edit.py ... evaluate=true``: the keys go into
+    ``evaluate_overrides``)."""
+    if not (cfg.mean_distance.enabled or cfg.image_fidelity.enabled or cfg.dai.enabled or
+            any(m is not None for m in (mean_distance, image_fidelity, dai))):
+        raise ConfigError(f"{where}mean_distance.enabled, image_fidelity.enabled and dai.enabled are all false: "
+                          "nothing to evaluate")
+    problems = evaluation_problems(cfg, mean_distance, image_fidelity, dai)
+    if problems:
+        raise ModelLoadError(f"{where}the evaluation cannot run: " + "; ".join(problems))
 
 
 def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
@@ -452,11 +611,6 @@ def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
     for key in ("results", "data"):
         if not cfg[key]:
             raise ConfigError(f"{key}=DIR is required (results: the edited images, data: the dataset)")
-    given = (mean_distance, image_fidelity, dai)
-    if not (cfg.mean_distance.enabled or cfg.image_fidelity.enabled or cfg.dai.enabled or
-            any(m is not None for m in given)):
-        raise ConfigError("mean_distance.enabled, image_fidelity.enabled and dai.enabled are all false: nothing "
-                          "to evaluate")
     if not Path(cfg.results).is_dir():
         raise ConfigError(f"results={cfg.results}: folder not found")
     check_writable(cfg.out or cfg.results, "out" if cfg.out else "results")  # the tables go there
@@ -464,6 +618,7 @@ def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
     folders = find_samples(data)
     if not folders:
         raise ConfigError(f"data={cfg.data}: no samples found (expected sample folders holding {LAYOUTS_HELP})")
+    check_evaluation(cfg, mean_distance, image_fidelity, dai)  # torchvision, the DIFT model: before any model loads
     entries = [(f.relative_to(data).as_posix(), str(f), str(root)) for root in result_roots(Path(cfg.results))
                for f in folders]
     tic = time.perf_counter()
@@ -479,8 +634,9 @@ def evaluate(cfg: DictConfig, mean_distance: MeanDistance | None = None,
     report["summary"]["world_size"] = trainer.world_size
     report["summary"]["seconds"] = round(time.perf_counter() - tic, 3)
     if trainer.is_global_zero:
-        write_report(cfg.out or cfg.results, report, cfg)
-        log_report(logger, report)
+        media = collect_media(report, data, ReadLimits.from_config(cfg))
+        write_report(cfg.out or cfg.results, report, cfg, media)
+        log_report(logger, report, media)
     close_logger(logger)
     return report
 
@@ -506,6 +662,17 @@ def config_from_edit(edit_cfg: DictConfig) -> DictConfig:
     return load_config(EVALUATE_YAML, items + overrides, schema=EvaluateConfig)
 
 
+def evaluation_before_batch(edit_cfg: DictConfig) -> DictConfig:
+    """``edit.py data=DIR evaluate=true``, before the first edit: the evaluation's config (a bad
+    ``evaluate_overrides`` key is a ConfigError now, not after the batch) and what it needs (``check_evaluation``)."""
+    try:
+        cfg = config_from_edit(edit_cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"evaluate_overrides: {exc}; nothing was edited") from None
+    check_evaluation(cfg, where="evaluate=true: nothing was edited; ")
+    return cfg
+
+
 def evaluate_after_batch(edit_cfg: DictConfig) -> int:
     """``edit.py data=DIR evaluate=true``: evaluate the batch's outputs; the exit status of ``main``."""
     try:
@@ -519,8 +686,11 @@ def evaluate_after_batch(edit_cfg: DictConfig) -> int:
 
 def announce(report: dict, cfg: DictConfig) -> int:
     say(report["line"])
-    for line in report.get("method_lines") or []:
-        say(f"  {line}")
-    say(f"tables: {Path(cfg.out or cfg.results) / 'evaluation_samples.csv'}, evaluation_categories.csv, "
-        "evaluation_methods.csv, evaluation.json")
+    if len(report.get("lines") or []) > 1:
+        for line in report["lines"]:
+            say(f"  {line}")
+    out = Path(cfg.out or cfg.results)
+    say(f"tables: {out / COMPARISON_DIR}/ (<dataset>.csv|.md|.tex, <dataset>_categories.*, report.html); "
+        f"raw: {out / 'evaluation.json'}, evaluation_samples.csv, evaluation_categories.csv, "
+        "evaluation_methods.csv, evaluation_settings.csv")
     return exit_status(report)

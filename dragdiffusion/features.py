@@ -45,6 +45,27 @@ class FeatureCapture:
         return resize_and_concat([self.outputs[i] for i in self.blocks], size)
 
 
+class UNetPasses:
+    """Counts the UNet's forward calls while active (``with UNetPasses(unet) as passes: ...; passes.count``): full
+    and partial forwards (one that stops after a feature block) alike, any batch size; gradient checkpointing's
+    recomputation in the backward is not a call of the UNet and is not counted."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.count = 0
+        self._handle = None
+
+    def _add(self, module, args):
+        self.count += 1
+
+    def __enter__(self) -> "UNetPasses":
+        self._handle = self.unet.register_forward_pre_hook(self._add)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
 def resize_and_concat(feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     return torch.cat([F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False) for f in feats], dim=1)
 

@@ -20,7 +20,8 @@ What a method says (no ``if method ==`` elsewhere):
   control of the denoising is the inversion's self-attention keys and values: FastDrag), ``optimizes`` (a fit:
   the DragText switch ``text.optimize`` applies);
 - ``denoise_bottleneck`` / ``denoise_bottleneck_steps``: a bottleneck propagated through the denoising (DragNoise);
-- ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record.
+- ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record; ``final_distance_of``: what its
+  final handle distance measures (tracked handles; FreeDrag: its planned template positions).
 
 DragDiffusion: drag at step 0 only (up to ``drag.n_pix_step`` iterations, F0 from its first forward), control
 from step 0: exactly the single-timestep pipeline. GoodDrag: drag at steps 0 .. ``gooddrag.drag_end_step - 1``
@@ -118,6 +119,9 @@ class DragMethod:
     control_from_drag_step = False  # True: the step that dragged is denoised with control (DragDiffusion)
     inversion_kv = False  # the inversion records self-attention keys/values that the denoising uses (FastDrag)
     optimizes = True  # its drag is a fit: the DragText switch (text.optimize) applies
+    # what trajectory.json's final_distance_px measures (summary.csv says it per sample): not comparable across
+    # methods whose handles mean different things
+    final_distance_of = "tracked handles"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -253,6 +257,7 @@ class FreeDragMethod(DragMethod):
     at most ``freedrag.max_step`` Adam steps; denoising as DragDiffusion's."""
     name = MethodName.freedrag.value
     control_from_drag_step = True
+    final_distance_of = "planned template positions (FreeDrag does not track)"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -290,6 +295,7 @@ class FastDragMethod(DragMethod):
     reference_control = False
     inversion_kv = True
     optimizes = False
+    final_distance_of = "planned warp destinations (FastDrag does not track)"
 
     def wants_drag(self, i: int) -> bool:
         return i == 0

@@ -272,7 +272,8 @@ class MeanDistance(Metric):
 
 LPIPS_BACKBONES = {"alex": "AlexNet", "vgg": "VGG16", "squeeze": "SqueezeNet"}
 LPIPS_MISSING = ("image_fidelity: LPIPS ({net}) needs {missing}. Install torchvision built for your torch "
-                 "(pip install torchvision) and let it download the ImageNet {net} weights once (into "
+                 "(pip install -e \".[eval]\", or pip install torchvision) and let it download the ImageNet {net} "
+                 "weights once (into "
                  "~/.cache/torch/hub/checkpoints), or pass ImageFidelity(net=callable) with a callable "
                  "(x, y) -> per-sample distance, or turn the metric off with image_fidelity.enabled=false.")
 

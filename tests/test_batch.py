@@ -100,7 +100,8 @@ def test_killed_run_resumes_with_every_sample_done_once(killed_and_resumed):
     assert all(x["iterations"] == 3 and x["final_distance_px"] > 0 for x in rows)  # skipped rows read back too
     assert_no_corrupt_file(out)
     csv_lines = (out / "summary.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("sample,status,iterations,final_distance_px,seconds,error") and len(csv_lines) == 4
+    assert csv_lines[0].startswith("sample,status,iterations,final_distance_px,final_distance_of,seconds,error")
+    assert len(csv_lines) == 4 and all(",tracked handles," in line for line in csv_lines[1:])
 
 
 def run_ddp(dataset: Path, out: Path) -> subprocess.CompletedProcess:

@@ -166,20 +166,28 @@ def test_evaluate_reports_md_mmd_dai_per_sample_category_and_method(mixed_result
     assert methods["gooddrag"]["dai_1"] == pytest.approx(rows[names[0]]["dai_1"])
     assert {r["sample"]: r["method"] for r in report["samples"]}["car_0"] == "dragdiffusion"
     assert "settings" not in rows["car_0"]
-    line = report["line"]
-    assert line.startswith("dragdiffusion + gooddrag + unknown: MD ") and "| m-MD " in line and "IF n/a" in line
-    assert "(gamma 1/5/10/20)" in line and f"{summary['n_pairs']} pairs" in line and "4/4 samples evaluated" in line
-    assert len(report["method_lines"]) == 3 and report["method_lines"][1].startswith("gooddrag: MD ")
-    assert line in printed and all(m in printed for m in report["method_lines"])
+    # one line per dataset (the sample's layout) and method: figures never averaged over methods or datasets
+    assert report["line"].startswith("3 method(s) on Drag100, DragBench and folder-format samples: 4/4 results")
+    assert [line.split(": MD ")[0] for line in report["lines"]] == [
+        "dragdiffusion on Drag100", "unknown on Drag100", "gooddrag on DragBench", "unknown on folder-format samples"]
+    line = report["lines"][2]
+    assert "| m-MD " in line and "IF n/a" in line and "(gamma 1/5/10/20)" in line
+    assert f"{rows[names[0]]['n_pairs']} pairs" in line and "1/1 samples evaluated" in line
+    assert report["line"] in printed and all(m in printed for m in report["lines"])
     samples_csv = list(csv.DictReader((out / "evaluation_samples.csv").open()))
-    assert list(samples_csv[0])[-5:] == ["dai_1", "dai_5", "dai_10", "dai_20", "message"]
-    assert {r["sample"]: r["method"] for r in samples_csv}["car_0"] == "dragdiffusion"
+    assert list(samples_csv[0])[-7:] == ["dai_1", "dai_5", "dai_10", "dai_20", "seconds", "unet_passes", "message"]
+    assert {r["sample"]: (r["dataset"], r["method"]) for r in samples_csv}["car_0"] == ("drag100", "dragdiffusion")
     categories = list(csv.DictReader((out / "evaluation_categories.csv").open()))
-    assert [c["category"] for c in categories] == ["", "animals", "ours", "all"]  # Drag100's flat folders: ""
-    assert float(categories[-1]["dai_20"]) == pytest.approx(summary["dai_20"])
+    assert [(c["dataset"], c["method"], c["category"]) for c in categories] == [
+        ("drag100", "dragdiffusion", "Drag100"), ("drag100", "unknown", "Drag100"),
+        ("dragbench", "gooddrag", "animals"), ("folder", "unknown", "ours")]  # Drag100's flat folders: its name
+    assert float(categories[2]["dai_20"]) == pytest.approx(rows[names[0]]["dai_20"])
     method_rows = list(csv.DictReader((out / "evaluation_methods.csv").open()))
-    assert [m["method"] for m in method_rows] == ["dragdiffusion", "gooddrag", "unknown"]
-    assert json.loads(method_rows[1]["settings"])["gooddrag.drag_end_step"] == 7
+    assert [(m["dataset"], m["method"]) for m in method_rows] == [
+        ("drag100", "dragdiffusion"), ("drag100", "unknown"), ("dragbench", "gooddrag"), ("folder", "unknown")]
+    assert "settings" not in method_rows[0]
+    settings = list(csv.DictReader((out / "evaluation_settings.csv").open()))
+    assert {"method": "gooddrag", "setting": "gooddrag.drag_end_step", "value": "7"} in settings
 
 
 def test_dai_needs_no_model_and_reference_compat_is_labelled(mixed_results, tmp_path):
@@ -191,7 +199,7 @@ def test_dai_needs_no_model_and_reference_compat_is_labelled(mixed_results, tmp_
     assert main(args + [f"out={tmp_path / 'ours'}"]) == 0
     ours = json.loads((tmp_path / "ours" / "evaluation.json").read_text())
     assert ours["summary"]["mean_distance"] is None and ours["summary"]["dai_1"] is not None
-    assert ours["line"].split(": ", 1)[1].startswith("MD n/a | m-MD n/a | IF n/a | DAI ")
+    assert all(line.split(": ", 1)[1].startswith("MD n/a | m-MD n/a | IF n/a | DAI ") for line in ours["lines"])
     assert ours["summary"]["n_pairs"] == sum(r["n_pairs"] for r in ours["samples"])
     assert main(args + [f"out={tmp_path / 'compat'}", "dai.reference_compat=true", "dai.gammas=[1,5]"]) == 0
     compat = json.loads((tmp_path / "compat" / "evaluation.json").read_text())
@@ -211,7 +219,8 @@ def test_evaluate_errors_for_dai_name_the_keys(mixed_results, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(args + ["model.name_or_path=no-such-org/no-such-model", "model.local_files_only=true",
                         "image_fidelity.enabled=false"]) == 2
-    assert "mean_distance.enabled=false evaluates DAI" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no-such-org/no-such-model" in err and "mean_distance.enabled=false (DAI and IF need no DIFT model)" in err
 
 
 def test_a_copied_results_folder_of_only_drag100_samples(tmp_path, tiny_model_dir):
@@ -228,6 +237,6 @@ def test_a_copied_results_folder_of_only_drag100_samples(tmp_path, tiny_model_di
     from dragdiffusion.data import read_sample
     report = json.loads((tmp_path / "res" / "evaluation.json").read_text())
     assert [m["method"] for m in report["summary"]["methods"]] == ["unknown"]
-    assert report["line"].startswith("unknown: MD n/a") and report["samples"][0]["status"] == "ok"
+    assert report["line"].startswith("unknown on Drag100: MD n/a") and report["samples"][0]["status"] == "ok"
     s = read_sample(data / "car_0")  # the JPEG copied under a .png name reads as the same pixels
     assert report["summary"]["dai_1"] == pytest.approx(drag_accuracy_index(s.image, s.image, s.handles, s.targets, 1))

@@ -85,6 +85,8 @@ def test_without_tracking_the_handles_stay(tiny_editor):
     r = ed.edit(s)
     assert r.trajectory["iterations"] == 3 and not r.trajectory["stopped_early"]
     assert all(step == r.trajectory["handles"][0] for step in r.trajectory["handles"])
+    # the UNet's forward calls per stage: 35 of 50 steps inverted and denoised, one per drag iteration
+    assert r.trajectory["unet_passes"] == {"lora": 0, "inversion": 35, "drag": 3, "denoise": 35}
 
 
 @pytest.mark.parametrize("height", [341, 433, 913])

@@ -196,6 +196,7 @@ def test_lora_stage_logs_loss_learning_rate_and_the_lora_artifact(wandb_edit):
     result, run_dir, traj = wandb_edit
     rows = [r for r in history(run_dir) if "lora/loss" in r]
     assert [r["trainer/global_step"] for r in rows] == [0, 1]  # lora.steps=2
+    assert traj["unet_passes"]["lora"] == 2  # one UNet forward (a batch of views) per LoRA step
     assert all(np.isfinite(r["lora/loss"]) for r in rows)
     assert [r["lr-AdamW"] for r in history(run_dir) if "lr-AdamW" in r] == pytest.approx([5e-4, 5e-4])
     (record,) = [r["artifact"] for r in leet(run_dir) if r["type"] == "artifact" and r["artifact"]["type"] == "lora"]

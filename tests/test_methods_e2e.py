@@ -2,6 +2,7 @@
 on 2 CPU processes, then one evaluate run over the results."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -66,34 +67,53 @@ def mixed_tree(root: Path, samples) -> Path:
 @pytest.mark.slow
 def test_one_command_runs_every_method_over_both_layouts_on_two_processes_then_one_evaluation(
         shared_samples, tmp_path, tiny_model_dir):
+    """The researcher's comparison: one command edits with every method and evaluates (evaluate=true), then the
+    paper tables of comparison/ hold one row per method for each dataset, with its seconds and UNet passes."""
     data = mixed_tree(tmp_path / "data", shared_samples)
     results = tmp_path / "results"
     cmd = [sys.executable, "edit.py", *SMALL, f"methods=[{','.join(BATCH_METHODS)}]", f"data={data}",
-           f"out={results}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+           f"out={results}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "evaluate=true",
+           "evaluate_overrides=[model=tiny,image_fidelity.enabled=false,mean_distance.ensemble_size=1,"
+           "mean_distance.width=64]"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = {"dragbench": f"animals/{shared_samples[0].name}", "drag100": shared_samples[1].name}
+    passes = {}
     for method in BATCH_METHODS:
         out = results / method
         summary = json.loads((out / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["method"] == method
         rows = {r["sample"]: r for r in summary["samples"]}
-        assert set(rows) == {f"animals/{shared_samples[0].name}", shared_samples[1].name}
+        assert set(rows) == set(names.values())
         assert all(r["status"] == "ok" for r in rows.values()) and sorted(r["rank"] for r in rows.values()) == [0, 1]
-        for name in rows:
+        for dataset, name in names.items():
             t = json.loads((out / name / "trajectory.json").read_text())
             assert t["method"]["name"] == method
             assert ("text_shift" in t) == method.endswith("+text")
-            if method.endswith("+text"):
-                assert max(t["text_shift"]) > 0
-    cmd = [sys.executable, "-m", "dragdiffusion.evaluate", "model=tiny", "trainer=cpu", f"data={data}",
-           f"results={results}", "image_fidelity.enabled=false", "mean_distance.ensemble_size=1",
-           "mean_distance.width=64", "quiet=true"]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            if method.endswith("+text") and t["iterations"]:
+                assert max(t["text_shift"]) > 0 and len(t["text_shift"]) == t["iterations"]
+            n = t["unet_passes"]  # inversion: 7 of 10 steps (GoodDrag 8); the denoising: the steps left
+            assert n["lora"] == 0 and n["inversion"] == (8 if method.startswith("gooddrag") else 7)
+            assert n["drag"] == 0 if method == "fastdrag" else n["drag"] >= 1  # FastDrag's drag is a warp
+            assert n["denoise"] == n["inversion"] - t["control_from_step"]
+            passes[(dataset, method)] = sum(n.values())
+            # what summary.csv's final distance measures: tracked handles, FreeDrag's and FastDrag's planned ones
+            assert rows[name]["final_distance_of"] == t["final_distance_of"]
+            assert t["final_distance_of"].startswith("planned" if method in ("freedrag", "fastdrag") else "tracked")
     report = json.loads((results / "evaluation.json").read_text())
     per_method = {m["method"]: m for m in report["summary"]["methods"]}
     assert set(per_method) == set(BATCH_METHODS)  # with and without DragText side by side
-    for method, m in per_method.items():
-        text = json.dumps(m)
-        assert "mean_distance" in text and "masked_mean_distance" in text and "dai" in text.lower(), text
+    assert len(report["lines"]) == 2 * len(BATCH_METHODS) and all(line in proc.stdout for line in report["lines"])
+    for dataset in names:
+        lines = list(csv.reader((results / "comparison" / f"{dataset}.csv").read_text().splitlines()))
+        header = lines[0]
+        assert header[:3] == ["method", "MD (px) [lower is better]", "m-MD (px) [lower is better]"]
+        assert "DAI gamma=1 [lower is better]" in header and header[-1] == "samples"
+        table = {r[0]: dict(zip(header, r)) for r in lines[1:]}
+        assert sorted(table) == sorted(BATCH_METHODS)
+        for method, cells in table.items():
+            assert cells["UNet passes [lower is better]"] == str(passes[(dataset, method)])
+            assert len(cells["MD (px) [lower is better]"].split(".")[1]) == 2 and cells["samples"] == "1"
+            assert float(cells["s / edit [lower is better]"]) > 0
+    assert (results / "comparison" / "report.html").stat().st_size > 0
     print(proc.stdout[-1500:])

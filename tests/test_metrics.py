@@ -247,7 +247,7 @@ def test_evaluate_cli_reports_per_sample_and_is_the_same_on_two_processes(result
     assert summary["mean_distance"] == pytest.approx(sum(all_distances) / len(all_distances), abs=1e-8)
     assert f"{summary['n_pairs']} pairs" in line and "MD " in line and "IF n/a" in line
     categories = (tmp_path / "one" / "evaluation_categories.csv").read_text().splitlines()
-    assert categories[0].startswith("category,") and len(categories) == 1 + len(names) + 1
+    assert categories[0].startswith("dataset,method,category,") and len(categories) == 1 + len(names) + 1
     assert (tmp_path / "one" / "evaluation_samples.csv").read_text().count("\n") == 1 + len(names)
 
     # the same numbers on two processes (DDP, gloo)
@@ -284,7 +284,8 @@ def test_evaluate_cli_errors_name_what_is_wrong(tmp_path, dragbench_dir, capsys)
     args = [f"results={tmp_path}", f"data={dragbench_dir}", "model.name_or_path=no-such-org/no-such-model",
             "model.local_files_only=true", "trainer=cpu", "image_fidelity.enabled=false", "quiet=true"]
     assert main(args) == 2
-    assert "Could not load the model 'no-such-org/no-such-model'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # found before any model loads
+    assert "model.name_or_path=no-such-org/no-such-model: not in the Hugging Face cache" in err
     if importlib.util.find_spec("torchvision") is None:
         assert main([f"results={tmp_path}", f"data={dragbench_dir}", "model=tiny", "trainer=cpu", "quiet=true"]) == 2
         assert "image_fidelity.enabled=false" in capsys.readouterr().err
@@ -317,6 +318,6 @@ def test_edit_py_batch_with_evaluate(dragbench_dir, tmp_path, tiny_model_dir):
            "image_fidelity.enabled=false]"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "dragdiffusion: MD" in proc.stdout and "| DAI " in proc.stdout
+    assert "dragdiffusion on DragBench: MD" in proc.stdout and "| DAI " in proc.stdout and " s/edit" in proc.stdout
     report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert report["summary"]["counts"]["ok"] == 1 and report["summary"]["n_pairs"] == 3
