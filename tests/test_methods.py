@@ -456,12 +456,12 @@ def test_exact_mode_first_iteration_mask_term_and_gradient_are_zero(tiny_editor,
 
 def test_a_drag_fit_runs_to_its_own_budget_above_n_pix_step(tiny_editor):
     """FreeDrag's budget (``freedrag.max_step``) is the fit's: not capped at ``drag.n_pix_step``."""
-    editor = editor_with(tiny_editor, ["method=freedrag", "drag.width=64", "drag.n_pix_step=3", "freedrag.max_step=9",
+    editor = editor_with(tiny_editor, ["method=freedrag", "drag.width=64", "drag.n_pix_step=80", "freedrag.max_step=84",
                                        "freedrag.l_expected=0.001", "drag.num_inference_steps=10"])
     base = demo_sample(64, 48)
     sample = make_sample(base.image, [[10, 20], [60, 20]], None, "", "far")
     result = editor.edit(sample)
-    assert result.trajectory["iterations"] == 9 and not result.trajectory["stopped_early"]
+    assert result.trajectory["iterations"] == 84 and not result.trajectory["stopped_early"]
 
 
 def test_freedrag_point_at_exactly_threshold_d_is_not_done():
