@@ -52,26 +52,9 @@ def parse_args(argv=None):
 
 
 def load_input(cfg):
-    """The sample to edit, read and checked (files first) before any model loads."""
-    from dragdiffusion.data import read_sample
-    from dragdiffusion.demo import demo_sample
-    from dragdiffusion.errors import SampleError
-    from dragdiffusion.generated import generation_inputs
-    from dragdiffusion.sample import ReadLimits, make_sample
-    limits = ReadLimits.from_config(cfg)
-    if cfg.generate:  # the image comes from the prompt; points and mask from points=/mask= or sample=DIR
-        return generation_inputs(cfg)
-    if cfg.sample == "demo":
-        return demo_sample()
-    if cfg.sample:
-        return read_sample(cfg.sample, limits=limits)
-    if cfg.image is None:
-        if cfg.points is not None or cfg.mask is not None:
-            raise SampleError("image", "points or mask were given but no image=PATH")
-        raise SampleError("input", "nothing to edit; give one of sample=DIR (a DragBench, our or Drag100 sample folder), "
-                                   "image=PATH points='[[x, y], ...]' [mask=PATH], data=DIR (a dataset), "
-                                   "generate=true prompt=TEXT points=..., or sample=demo (the built-in demo)")
-    return make_sample(cfg.image, cfg.points, cfg.mask, cfg.prompt or "", Path(cfg.image).stem, limits)
+    """The sample to edit, read and checked (files first) before torch or any model is imported (inputs.py)."""
+    from dragdiffusion.inputs import load_input as read_input
+    return read_input(cfg)
 
 
 def early_stop_rule(cfg, sample) -> str:
@@ -85,20 +68,33 @@ def early_stop_rule(cfg, sample) -> str:
                      grid_size(work_w, work_h, float(d.sup_res_factor)))
 
 
-def edit_one(cfg, policy) -> int:
-    """One sample: inputs, LoRA file and out checked first, then the model, the edit, the files."""
+def check_single_edit(cfg):
+    """A single edit's inputs, model path and ``out``, checked with PIL, numpy and omegaconf only: a bad input is an
+    error within seconds, before torch, Lightning and diffusers are imported (dragdiffusion/inputs.py)."""
+    from dragdiffusion.inputs import check_model, input_notes
+    from dragdiffusion.outputs import prepare_edit_folder
+    sample = load_input(cfg)
+    for line in input_notes(cfg, sample):
+        print(f"note: {line}", file=sys.stderr)
+    check_model(cfg.model)
+    note = prepare_edit_folder(cfg.out, bool(cfg.overwrite))
+    if note:
+        print(note, file=sys.stderr)
+    return sample
+
+
+def edit_one(cfg, sample) -> int:
+    """One sample (checked by ``check_single_edit``): the device policy, the LoRA file, the model, the edit, the
+    files."""
     from dragdiffusion.editor import DragEditor
     from dragdiffusion.io import save_png
     from dragdiffusion.loggers import close_logger, make_logger
     from dragdiffusion.lora import check_lora_file
-    from dragdiffusion.outputs import prepare_edit_folder
+    from dragdiffusion.policy import DevicePolicy
     from dragdiffusion.signals import deferred_signals
-    sample = load_input(cfg)
+    policy = DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
     if cfg.lora.path and not cfg.generate:
         check_lora_file(cfg.lora.path, cfg.lora.rank, sample.name)  # the header, before the model loads
-    note = prepare_edit_folder(cfg.out, bool(cfg.overwrite))
-    if note:
-        print(note)
     logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)  # False for logger=none
     failed = True
     try:
@@ -134,11 +130,13 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        from dragdiffusion.policy import DevicePolicy
-        policy = DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if not cfg.data:
-            return edit_one(cfg, policy)
+            return edit_one(cfg, check_single_edit(cfg))
+        from dragdiffusion.inputs import check_model
+        check_model(cfg.model)  # before the heavy imports; the samples are checked before any model loads
         from dragdiffusion.batch import run_batch
+        from dragdiffusion.policy import DevicePolicy
+        DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if cfg.methods:  # one batch per method, <out>/<method>/, then one evaluation over all of them
             status = 0
             for method in cfg.methods:

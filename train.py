@@ -2,6 +2,7 @@
 """Train the identity LoRA of one image, or one LoRA per sample of a dataset (DragDiffusion stage 1).
 
   python train.py model=tiny image=cat.png prompt="a photo of a cat" out=outputs/lora/cat
+  python train.py sample=Drag100/art_0 out=outputs/lora/art_0     # a sample folder (its image and prompt)
   python train.py --config configs/lora.yaml data=path/to/DragBench out=outputs/lora/dragbench
   python train.py --convert official/pytorch_lora_weights.safetensors loras/cat   # an official DragDiffusion LoRA
 
@@ -27,7 +28,6 @@ of a multi-device data=DIR run was lost (the summary lists what finished; the sa
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -53,24 +53,25 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        # inputs, model path and out first, with PIL and omegaconf only: errors in seconds (dragdiffusion/inputs.py)
+        from dragdiffusion.inputs import check_model, lora_input
+        from dragdiffusion.outputs import check_writable
+        if cfg.data:
+            if cfg.image or cfg.sample:
+                raise SampleError("data", "give either data=DIR or image=PATH / sample=DIR, not both")
+            if cfg.ckpt_path:
+                raise SampleError("ckpt_path", "resuming is for one image (image=PATH or sample=DIR); with data=DIR "
+                                               "finished samples are skipped")
+        else:
+            sample = lora_input(cfg)
+        check_model(cfg.model)
+        check_writable(cfg.out)
         from dragdiffusion.policy import DevicePolicy
         DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if cfg.data:
-            if cfg.image:
-                raise SampleError("data", "give either data=DIR or image=PATH, not both")
-            if cfg.ckpt_path:
-                raise SampleError("ckpt_path", "resuming is for one image (image=PATH); with data=DIR finished "
-                                               "samples are skipped")
             from dragdiffusion.batch import run_lora_batch
             return run_lora_batch(cfg)
-        if not cfg.image:
-            raise SampleError("image", "expected image=PATH [prompt=TEXT] or data=DIR")
         from dragdiffusion.lora import train_lora_for_sample
-        from dragdiffusion.outputs import check_writable
-        from dragdiffusion.sample import DragSample, ReadLimits, read_image
-        image = read_image(cfg.image, limits=ReadLimits.from_config(cfg))
-        check_writable(cfg.out)
-        sample = DragSample(image, [], [], None, cfg.prompt or "", Path(cfg.image).stem)
         file = train_lora_for_sample(cfg, sample, cfg.out)
     except Interrupted as stop:
         print(f"stopped by signal {stop.signum}; no partial LoRA file was written", file=sys.stderr)

@@ -25,10 +25,10 @@ from safetensors import safe_open
 
 from .conditioning import Conditioning
 from .errors import ModelLoadError
+from .inputs import SINGLE_FILE_SUFFIXES, model_source, offline_setting
 from .policy import DevicePolicy, resolve_device
 from .tiny import SCHEDULER_CONFIG, TINY_MODELS, ensure_tiny_model
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline")
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."  # the second (OpenCLIP bigG) text encoder of an SDXL base checkpoint
@@ -93,14 +93,10 @@ def make_ddim_scheduler(config: dict | None = None):
     return DDIMScheduler.from_config({**settings, "prediction_type": prediction})
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _hint(name: str) -> str:
     return (f"Could not load the model '{name}'. Looked for: a local diffusers folder (with model_index.json), "
             f"a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}), then the Hugging Face hub id"
-            f"{' (offline: HF_HUB_OFFLINE=1 or model.local_files_only=true)' if _offline() else ''}. "
+            f"{' (offline: HF_HUB_OFFLINE=1 or model.local_files_only=true)' if offline_setting() else ''}. "
             "Fix: download it once and pass model.name_or_path=/path/to/folder, or use the built-in offline "
             "test model with model=tiny (or model=tiny_v: v-prediction).")
 
@@ -149,7 +145,8 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
     ``pipeline_kind``) from the ``model`` config section in ``dtype`` (on the CPU)."""
 
     name = str(model_cfg.name_or_path)
-    local_only = bool(model_cfg.local_files_only) or _offline()
+    # missing files and folders, a hub id with no network and no cached copy: one ModelLoadError, before loading
+    local_only = model_source(name, "model.name_or_path", bool(model_cfg.local_files_only))
     path = Path(os.path.expanduser(name))
     single_file_config = getattr(model_cfg, "single_file_config", None)
     if pipeline_kind(name, single_file_config, local_only) == "sdxl":
@@ -162,13 +159,8 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
             folder = ensure_tiny_model(model_cfg.tiny_dir, name=name)
             pipe = pipeline_class.from_pretrained(folder, **common)
         elif path.is_dir():
-            if not (path / "model_index.json").exists():
-                raise ModelLoadError(f"model.name_or_path: the folder {path} has no model_index.json; expected a "
-                                     "diffusers pipeline folder (save_pretrained output) or a single-file checkpoint")
             pipe = pipeline_class.from_pretrained(path, **common)
         elif path.suffix in SINGLE_FILE_SUFFIXES:
-            if not path.exists():
-                raise ModelLoadError(f"model.name_or_path: checkpoint file not found: {path}")
             extra = {"config": single_file_config} if single_file_config else {}
             pipe = pipeline_class.from_single_file(str(path), local_files_only=local_only, **extra, **common)
         else:
@@ -179,13 +171,20 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
     except ModelLoadError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelLoadError(f"{_hint(name)}\nUnderlying error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"{_hint(name)}\nUnderlying error: {exc.__class__.__name__}: {_first_line(exc)}") from None
     if model_cfg.vae:
         pipe.vae = load_vae(str(model_cfg.vae), dtype, local_only)
     return pipe
 
 
+def _first_line(exc: BaseException) -> str:
+    """An underlying error's first line, without the hub client's pointer to a stack trace that is not shown."""
+    text = (str(exc).splitlines() or [""])[0]
+    return text.replace(" Please check out the root cause in the stacktrace above.", "")
+
+
 def load_vae(name: str, dtype, local_only: bool):
+    local_only = model_source(name, "model.vae", local_only, index_file="config.json")
     try:
         path = Path(os.path.expanduser(name))
         if path.suffix in SINGLE_FILE_SUFFIXES:
@@ -193,7 +192,7 @@ def load_vae(name: str, dtype, local_only: bool):
         return AutoencoderKL.from_pretrained(name, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.vae: could not load the VAE '{name}' (a diffusers AutoencoderKL folder, "
-                             f"hub id or single file was expected): {str(exc).splitlines()[0]}") from None
+                             f"hub id or single file was expected): {_first_line(exc)}") from None
 
 
 def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:

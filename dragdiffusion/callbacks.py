@@ -8,7 +8,7 @@ import torch
 from .drag import DragCallback, DragEditModule, DragStep
 from .errors import DragError
 from .motion import all_reached, mask_loss, track_points
-from .sample import grid_to_pixels
+from .geometry import grid_to_pixels
 
 
 class PointTracking(DragCallback):

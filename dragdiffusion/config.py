@@ -40,6 +40,13 @@ def normalize_precision(value) -> str:
     return text
 
 
+def runs_on_one_device(trainer_cfg) -> bool:
+    """``trainer.devices`` = 1 (or one listed device) on one node: the policy's single-device Trainer."""
+    devices = trainer_cfg.devices
+    one = devices == 1 or (OmegaConf.is_list(devices) or isinstance(devices, (list, tuple))) and len(devices) == 1
+    return bool(one) and int(trainer_cfg.num_nodes) == 1
+
+
 def check(ok: bool, key: str, value, expected: str) -> None:
     """A range check of ``__post_init__``: a ConfigError naming the key, its value and what was expected."""
     if not ok:
@@ -386,6 +393,7 @@ class LoraTrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     image: Optional[str] = None
+    sample: Optional[str] = None  # a sample folder (any layout): its image and prompt; the LoRA is named after it
     prompt: Optional[str] = None
     data: Optional[str] = None
     out: str = "outputs/lora"

@@ -38,7 +38,8 @@ from .features import StepGatedBottleneck, mid_block_output
 from .methods import DragDiffusionMethod, DragMethod, DragParts, DragStepContext, UndraggedStep, make_method
 from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
 from .policy import DevicePolicy
-from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, make_sample, pixels_to_grid, working_size
+from .geometry import grid_to_pixels, pixels_to_grid
+from .sample import DragSample, draw_drag, grid_size, make_sample, working_size
 
 
 @dataclass

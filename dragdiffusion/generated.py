@@ -20,11 +20,8 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, decode_latent, encode_condition
-from .data import read_sample
 from .ddim import ddim_denoise, inversion_timesteps
-from .errors import SampleError
 from .images import to_uint8
-from .sample import DragSample, ReadLimits, make_sample
 
 
 @dataclass
@@ -76,24 +73,3 @@ def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_st
     return GeneratedImage(to_uint8(decode_latent(backbone, z_0)), z_t.detach().float().cpu(), int(denoise_ts[0]),
                           list(denoise_ts), int(g.steps), prompt, str(g.negative_prompt), int(g.seed),
                           float(g.guidance_scale))
-
-
-def generation_inputs(cfg) -> DragSample:
-    """The drag of a ``generate=true`` run, validated before any model loads: points and mask from
-    ``sample=DIR`` (a replay folder: its image.png must have the generated size) or ``points=`` / ``mask=``,
-    the prompt from ``prompt=`` or the folder. The image is a blank placeholder of the generated size."""
-    g = cfg.generation
-    limits = ReadLimits.from_config(cfg)
-    blank = np.zeros((int(g.height), int(g.width), 3), np.uint8)
-    if cfg.sample:
-        folder = read_sample(cfg.sample, limits=limits)
-        if (folder.width, folder.height) != (int(g.width), int(g.height)):
-            raise SampleError("image", f"{cfg.sample}: the image is {folder.width}x{folder.height} px but "
-                                       f"generation.width x height is {g.width}x{g.height}; expected the same size",
-                              folder.name)
-        prompt = folder.prompt if cfg.prompt is None else str(cfg.prompt)
-        return make_sample(blank, folder.points, folder.mask, prompt, folder.name)
-    if cfg.points is None:
-        raise SampleError("points", "generate=true needs points='[[x, y], ...]' (alternating handle, target, in "
-                                    "pixels of the generated image) or sample=DIR")
-    return make_sample(blank, cfg.points, cfg.mask, "" if cfg.prompt is None else str(cfg.prompt), "generated", limits)

@@ -1,7 +1,9 @@
 """DragSample (image, handles, targets, mask, prompt), its validation, and pixel <-> grid geometry.
 
 Coordinates: pixels (x, y) of the sample's own image at every interface; (row, col) on the supervision
-grid only inside the math (motion.py). Validation runs before any model is loaded.
+grid only inside the math (motion.py; ``geometry.py`` converts as tensors). Validation runs before any model is
+loaded, and this module needs no torch: ``edit.py`` and ``train.py`` check their inputs before the heavy imports
+(``inputs.py``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import SampleError
@@ -271,22 +272,6 @@ def working_size(width: int, height: int, working_width: int) -> tuple[int, int]
 def grid_size(work_w: int, work_h: int, factor: float) -> tuple[int, int]:
     """(sup_h, sup_w) of the supervision grid: int(factor * size)."""
     return int(factor * work_h), int(factor * work_w)
-
-
-def pixels_to_grid(points_xy, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixels (x, y) of an H x W image -> grid (row, col) = round(y/H*gh), round(x/W*gw), as float tensor."""
-    pts = torch.as_tensor(points_xy, dtype=torch.float32).reshape(-1, 2)
-    (h, w), (gh, gw) = image_hw, grid_hw
-    rows = torch.round(pts[:, 1] / h * gh)
-    cols = torch.round(pts[:, 0] / w * gw)
-    return torch.stack([rows, cols], dim=1)
-
-
-def grid_to_pixels(points_rc, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Grid (row, col) -> pixels (x, y) of an H x W image: the inverse scale of ``pixels_to_grid``."""
-    pts = torch.as_tensor(points_rc, dtype=torch.float32).reshape(-1, 2)
-    (h, w), (gh, gw) = image_hw, grid_hw
-    return torch.stack([pts[:, 1] * w / gw, pts[:, 0] * h / gh], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------- drawing
