@@ -112,8 +112,9 @@ def edit_one(cfg, sample) -> int:
     finally:
         close_logger(logger, failed)
     t = result.trajectory
-    stop = f"stopped early at iteration {t['stop_step']}: {early_stop_rule(cfg, sample)}" if t["stopped_early"] \
-        else "no early stop"
+    from dragdiffusion.console import stop_description
+    why = stop_description(t.get("stop_reason"), early_stop_rule(cfg, sample))
+    stop = f"stopped early at iteration {t['stop_step']}: {why}" if t["stopped_early"] else "no early stop"
     print(f"{sample.name}: {t['iterations']} drag iterations ({stop}), final distance (px): "
           f"{[round(d, 1) for d in t['final_distance_px']]}; wrote {out}/dragged_image.png")
     return 0

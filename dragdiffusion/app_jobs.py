@@ -33,16 +33,25 @@ CONFIG_MODEL = "as configured"  # the model preset choice that keeps the launch 
 Job = Callable[[Callable, Callable[[], bool]], object]  # job(report, should_cancel) -> value
 
 
-def settings_changes(width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks) -> dict:
-    """The config changes of the page's Settings panel; an empty or bad field is a ConfigError."""
+def settings_changes(width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, drag_steps=None,
+                     rounds=None, max_step=None) -> dict:
+    """The config changes of the page's Settings panel; an empty or bad field is a ConfigError. ``drag_steps`` and
+    ``rounds`` (GoodDrag: ``gooddrag.drag_end_step``, ``gooddrag.track_per_step``) and ``max_step`` (FreeDrag:
+    ``freedrag.max_step``) are the drag budgets of the methods that do not count ``drag.n_pix_step``."""
     try:
-        return {
+        changes = {
             "seed": int(seed), "quiet": True,
             "lora": {"enabled": bool(lora_on), "steps": int(lora_steps)},
             "drag": {"width": int(width), "n_pix_step": int(n_pix_step), "lam": float(lam),
                      "inversion_strength": float(strength), "lr": float(lr),
                      "feature_blocks": sorted(int(b) for b in blocks or [])},
         }
+        if drag_steps is not None or rounds is not None:
+            changes["gooddrag"] = {k: int(v) for k, v in (("drag_end_step", drag_steps), ("track_per_step", rounds))
+                                   if v is not None}
+        if max_step is not None:
+            changes["freedrag"] = {"max_step": int(max_step)}
+        return changes
     except (TypeError, ValueError):
         raise ConfigError("settings: every field needs a number (one is empty)") from None
 
@@ -51,11 +60,21 @@ def method_names() -> list[str]:
     return sorted(m.value for m in MethodName)
 
 
+# the Settings fields of each method's drag budget (the other fields are every method's); a method not listed
+# shows none of them
+BUDGET_FIELDS = {"dragdiffusion": ("n_pix_step",), "dragnoise": ("n_pix_step",),
+                 "gooddrag": ("drag_steps", "rounds"), "freedrag": ("max_step",)}
+ALL_BUDGET_FIELDS = ("n_pix_step", "drag_steps", "rounds", "max_step")
+
+
 def method_settings(base_path, base_overrides, method: str) -> dict:
-    """The page's Settings fields that a method preset sets, with that method's values."""
+    """The page's Settings fields that a method preset sets, with that method's values (its drag budget fields:
+    ``BUDGET_FIELDS``)."""
     cfg = load_config(base_path, list(base_overrides) + [f"method={method}"])
     return {"lora_steps": int(cfg.lora.steps), "n_pix_step": int(cfg.drag.n_pix_step), "lam": float(cfg.drag.lam),
-            "strength": float(cfg.drag.inversion_strength), "lr": float(cfg.drag.lr)}
+            "strength": float(cfg.drag.inversion_strength), "lr": float(cfg.drag.lr),
+            "drag_steps": int(cfg.gooddrag.drag_end_step), "rounds": int(cfg.gooddrag.track_per_step),
+            "max_step": int(cfg.freedrag.max_step)}
 
 
 def model_settings(base_path, base_overrides, model: str) -> dict:
@@ -103,7 +122,8 @@ def edit_job(cfg: DictConfig, image: np.ndarray, points, mask, prompt: str,
              generated: GeneratedImage | None = None, editors: EditorCache = EDITORS) -> Job:
     """The device job of *Run*: drag ``image`` (or the ``generated`` image, without inversion) by ``points``
     (pixels of the image, alternating handle, target) inside ``mask`` (H x W, 1 = may change, or None).
-    Reports LoRA steps and drag iterations (with the handles in image pixels) as it goes."""
+    Reports every stage's steps as the console counts them (``ProgressReporter``: "LoRA", "inversion", "drag" or
+    "drag step 2/7 (t=721)" with the handles in image pixels, "denoise", "decode") as it goes."""
     sample = make_sample(image, points, mask, generated.prompt if generated is not None else prompt, "edit")
 
     def job(report, should_cancel):

@@ -24,6 +24,7 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
 from .conditioning import Conditioning
+from .console import loading_line
 from .errors import ModelLoadError
 from .inputs import SINGLE_FILE_SUFFIXES, model_source, offline_setting
 from .policy import DevicePolicy, resolve_device
@@ -195,12 +196,13 @@ def load_vae(name: str, dtype, local_only: bool):
                              f"hub id or single file was expected): {_first_line(exc)}") from None
 
 
-def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:
+def load_backbone(model_cfg, policy: DevicePolicy | None = None, quiet: bool = False) -> Backbone:
     """Load the pipeline in the policy's weight dtype, freeze it, put it on the policy's device (the one move)
     and attach the reference DDIM scheduler. Without a policy: ``model.device`` in fp32. SD 1.x / 2.x or SDXL
-    (``pipeline_kind``)."""
+    (``pipeline_kind``). Says what loads where in one line on stderr (``console.loading_line``) unless ``quiet``."""
     if policy is None:
         policy = DevicePolicy(resolve_device(str(model_cfg.device)), "32", torch.float32)
+    loading_line(str(model_cfg.name_or_path), policy.describe(), enabled=not quiet)
     pipe = load_pipeline(model_cfg, policy.weight_dtype)
     backbone = Backbone.from_pipeline(pipe, policy, source=str(model_cfg.name_or_path))
     backbone.gradient_checkpointing = bool(getattr(model_cfg, "gradient_checkpointing", False))

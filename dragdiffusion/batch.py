@@ -45,7 +45,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone import load_backbone
@@ -153,7 +152,7 @@ class Job:
     def setup(self, device: torch.device) -> None:
         if self.backbone is None:
             self.policy = DevicePolicy.from_config(self.cfg, device)
-            self.backbone = load_backbone(self.cfg.model, self.policy)
+            self.backbone = load_backbone(self.cfg.model, self.policy, quiet=bool(self.cfg.quiet))
 
     def finished_row(self, name: str) -> dict:
         return row(name, "skipped", seconds=0.0, rank=0)
@@ -255,7 +254,8 @@ class BatchModule(L.LightningModule):
         rows = []
         for item in batch:
             r = run_item(self.job, item, self.global_rank)
-            print(f"[rank {self.global_rank}] {r['sample']}: {r['status']}"
+            rank = f"[rank {self.global_rank}] " if self.trainer.world_size > 1 else ""
+            print(f"{rank}{r['sample']}: {r['status']}"
                   + (f" ({r['error']})" if r["error"] else "") + f" in {r['seconds']:.1f} s", flush=True)
             rows.append(r)
         self.job.rows += rows  # what this process finished, also when the run is stopped by a signal
@@ -278,14 +278,14 @@ def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
     """The outer Trainer: only dispatches samples to processes (accelerator/devices/nodes/strategy from the config).
 
     It runs in 32-bit (``trainer.precision`` applies inside each sample's own Trainers) and with autograd on
-    (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's); it is a
-    TQDM bar because the per-sample drag Trainers draw Rich bars inside it, and two Rich bars cannot nest."""
+    (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's): a
+    ``StageProgressBar`` labelled "samples" (TQDM: the per-sample Trainers draw their bars inside it, and two Rich
+    bars cannot nest)."""
     progress = bool(trainer_cfg.enable_progress_bar) and not quiet
     return watch_processes(distributed_trainer(  # a process that dies is reported by the others (peers.py)
-        trainer_cfg, precision="32", quiet=quiet, inference_mode=False,
+        trainer_cfg, precision="32", quiet=quiet, stage="samples", inference_mode=False,
         use_distributed_sampler=False,  # DragDataModule shards unpadded: each sample once
-        logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-        callbacks=[TQDMProgressBar()] if progress else []))
+        logger=False, enable_checkpointing=False, enable_progress_bar=progress))
 
 
 def gather_rows(rows: list[dict]) -> list[dict]:

@@ -112,13 +112,16 @@ class DragEditModule(L.LightningModule):
         bottleneck: optimize the UNet's bottleneck instead of the latent (DragNoise): this tensor, the output of
             ``unet.mid_block`` for ``z_t``, replaces the mid block's output in every forward and is the only
             parameter; ``z_t`` stays fixed (the down path and the skip connections are z_t's).
+        max_steps: this fit's optimizer-step budget (the method's ``DragParts.max_steps``; default
+            ``drag.n_pix_step``): the length of its one epoch, so its progress bar counts to it.
     """
+    stage_label = "drag"  # the progress bar's label; the editor names each drag step ("drag step 2/7 (t=721)")
 
     def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None,
                  guidance_scale: float = 1.0, patch_as_reference: bool = False,
                  handles_init: torch.Tensor | None = None, motion_loss=None, step_offset: int = 0,
-                 bottleneck: torch.Tensor | None = None):
+                 bottleneck: torch.Tensor | None = None, max_steps: int | None = None):
         super().__init__()
         if guidance_scale > 1 and cond.shape[0] != 2:
             raise ValueError("guidance_scale > 1 needs cond = [uncond, cond] (2 rows), got "
@@ -148,8 +151,10 @@ class DragEditModule(L.LightningModule):
         self.register_buffer("mask_latent", None if mask_latent is None else mask_latent.float(), persistent=False)
         self.motion_loss = motion_loss
         self.step_offset = int(step_offset)
+        self.max_steps = int(drag.n_pix_step if max_steps is None else max_steps)
         self.reached = False
         self.stop_step: int | None = None
+        self.stop_reason: str | None = None  # "reached", or what a DragCallback set when it stopped the drag
         # per iteration (tensors during the fit, numbers after it): handles (row, col) and every loss term
         self.history: dict[str, list] = {"handles": [], "motion_loss": [], "mask_loss": [], "loss": []}
 
@@ -184,6 +189,7 @@ class DragEditModule(L.LightningModule):
         if any(callback.reached(self, step) for callback in callbacks):
             self.reached = True
             self.stop_step = step.index
+            self.stop_reason = self.stop_reason or "reached"
             self.trainer.should_stop = True
             return None  # no update at this step
         if self.motion_loss is None:
@@ -224,7 +230,7 @@ class DragEditModule(L.LightningModule):
         return cls([variable], lr=self.drag.lr, **fused)
 
     def train_dataloader(self):
-        return DataLoader(StepIndices(max(1, self.drag.n_pix_step)), batch_size=1)
+        return DataLoader(StepIndices(max(1, self.max_steps)), batch_size=1)
 
     # ------------------------------------------------------------------ results
     def edited_latent(self) -> torch.Tensor:

@@ -52,10 +52,11 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_strength: float,
-                 prompt: str) -> GeneratedImage:
+                 prompt: str, after_step: Callable[[], None] | None = None) -> GeneratedImage:
     """Sample an image from ``prompt`` with the ``generation`` settings (DDIM, eta 0, guidance
     ``generation.guidance_scale``) from pure noise; the latent at the first timestep of the last
-    ``int(steps * inversion_strength)`` steps is kept as ``z_t``. ``unet_fn(z, t, cond)`` predicts the noise."""
+    ``int(steps * inversion_strength)`` steps is kept as ``z_t``. ``unet_fn(z, t, cond)`` predicts the noise;
+    ``after_step()`` is called after each of the ``generation.steps`` steps (progress)."""
     g = generation
     sched = backbone.scheduler
     _, denoise_ts = inversion_timesteps(sched, int(g.steps), float(inversion_strength))
@@ -68,8 +69,9 @@ def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_st
     channels = int(backbone.unet.config.in_channels)
     z = initial_noise(g.seed, (1, channels, int(g.height) // f, int(g.width) // f)).to(backbone.device)
     z = z * float(sched.init_noise_sigma)
-    z_t = ddim_denoise(unet_fn, sched, z, cond, before, uncond, float(g.guidance_scale))
-    z_0 = ddim_denoise(unet_fn, sched, z_t, cond, denoise_ts, uncond, float(g.guidance_scale))
+    step = (lambda n: after_step()) if after_step is not None else None
+    z_t = ddim_denoise(unet_fn, sched, z, cond, before, uncond, float(g.guidance_scale), after_step=step)
+    z_0 = ddim_denoise(unet_fn, sched, z_t, cond, denoise_ts, uncond, float(g.guidance_scale), after_step=step)
     return GeneratedImage(to_uint8(decode_latent(backbone, z_0)), z_t.detach().float().cpu(), int(denoise_ts[0]),
                           list(denoise_ts), int(g.steps), prompt, str(g.negative_prompt), int(g.seed),
                           float(g.guidance_scale))

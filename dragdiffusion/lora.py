@@ -581,7 +581,7 @@ def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, tra
         trainer = policy.trainer(steps, callbacks, logger, quiet, bool(trainer_cfg.enable_progress_bar),
                                  int(trainer_cfg.log_every_n_steps), enable_checkpointing=checkpointing, stage="LoRA")
     else:
-        trainer = distributed_trainer(trainer_cfg, quiet=quiet, max_steps=steps, max_epochs=1,
+        trainer = distributed_trainer(trainer_cfg, quiet=quiet, stage="LoRA", max_steps=steps, max_epochs=1,
                                       callbacks=callbacks, logger=logger, enable_checkpointing=checkpointing)
     if steps > 0:
         with warnings.catch_warnings():
@@ -608,10 +608,10 @@ def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone
     else:
         policy = DevicePolicy.from_config(cfg)  # checks the precision and dtype before the model loads
         if runs_on_one_device(cfg.trainer):
-            backbone = load_backbone(cfg.model, policy)
+            backbone = load_backbone(cfg.model, policy, quiet=bool(cfg.quiet))
         else:
             backbone = load_backbone(cfg.model, DevicePolicy(torch.device("cpu"), policy.precision,
-                                                             policy.weight_dtype))
+                                                             policy.weight_dtype), quiet=bool(cfg.quiet))
             policy = None
     run_name = "lora-" + str(sample.name).replace("/", "__")
     logger = make_logger(cfg.logger, config=cfg, quiet=bool(cfg.quiet), run_name=run_name)

@@ -172,6 +172,14 @@ POINTS_FORM = ("a list of [x, y] pixel pairs, alternating handle and target, for
                "points='[[120, 80], [160, 80]]' (one handle at x=120, y=80 dragged to x=160, y=80)")
 
 
+def points_count(n: int) -> str:
+    """How points are counted, on the command line and in the app: "2 points = 1 handle/target pair", "3 points =
+    1 handle/target pair + 1 handle without its target"."""
+    pairs, odd = divmod(int(n), 2)
+    text = f"{n} point{'s' if n != 1 else ''} = {pairs} handle/target pair{'s' if pairs != 1 else ''}"
+    return text + (" + 1 handle without its target" if odd else "")
+
+
 def split_points(points: Sequence, sample: str | None = None) -> tuple[list, list]:
     """[[x, y], ...] alternating handle, target -> (handles, targets)."""
     try:
@@ -183,8 +191,8 @@ def split_points(points: Sequence, sample: str | None = None) -> tuple[list, lis
     if len(pts) == 0:
         raise SampleError("points", f"no points given; expected {POINTS_FORM}", sample)
     if len(pts) % 2:
-        raise SampleError("points", f"odd number of points ({len(pts)}); expected handle/target pairs "
-                                    "(handle, target, handle, target, ...)", sample)
+        raise SampleError("points", f"odd number of points ({points_count(len(pts))}); expected handle/target "
+                                    "pairs (handle, target, handle, target, ...)", sample)
     return pts[0::2], pts[1::2]
 
 

@@ -169,8 +169,9 @@ def make_image(path: Path, size=(160, 120)) -> Path:
 
 # ----------------------------------------------------------------------------------------------- tests
 
-def test_progress_reports_lora_and_drag_steps_and_cancels(tiny_editor):
-    """The app's live progress and cancel: a ProgressReporter on the LoRA and drag Trainers of editor.edit."""
+def test_progress_reports_every_stage_and_cancels(tiny_editor):
+    """The app's live progress and cancel: a ProgressReporter on the LoRA and drag Trainers of editor.edit and on
+    its stages outside a Trainer, labelled and counted as the console's bars."""
     from conftest import editor_with
     from dragdiffusion.callbacks import EditCancelled, ProgressReporter
     from dragdiffusion.demo import demo_sample
@@ -180,15 +181,20 @@ def test_progress_reports_lora_and_drag_steps_and_cancels(tiny_editor):
     editor = editor_with(tiny_editor, ["drag.num_inference_steps=5", "drag.n_pix_step=3", "drag.point_tracking=false",
                                        "lora.enabled=true", "lora.steps=2", "lora.resolution=64", "lora.batch_size=1"])
     result = editor.edit(sample, callbacks=[progress], lora_callbacks=[progress])
-    assert [r[:3] for r in reports] == [("lora", 1, 2), ("lora", 2, 2), ("drag", 1, 3), ("drag", 2, 3), ("drag", 3, 3)]
-    assert reports[0][3] is None
-    np.testing.assert_allclose(reports[-1][3], result.trajectory["handles"][-1])  # handles in input pixels
+    # 5 steps at strength 0.7: 3 inverted, 3 denoised
+    assert [r[:3] for r in reports] == [("LoRA", 1, 2), ("LoRA", 2, 2), ("inversion", 1, 3), ("inversion", 2, 3),
+                                        ("inversion", 3, 3), ("drag", 1, 3), ("drag", 2, 3), ("drag", 3, 3),
+                                        ("denoise", 1, 3), ("denoise", 2, 3), ("denoise", 3, 3), ("decode", 1, 1)]
+    assert all(r[3] is None for r in reports if r[0] != "drag")
+    np.testing.assert_allclose(reports[7][3], result.trajectory["handles"][-1])  # handles in input pixels
 
-    stop = ProgressReporter(lambda *r: None, (sample.height, sample.width), should_cancel=lambda: len(reports) >= 7)
+    reports.clear()
+    stop = ProgressReporter(lambda *r: None, (sample.height, sample.width),
+                            should_cancel=lambda: sum(r[0] == "drag" for r in reports) >= 2)
     counting = ProgressReporter(lambda *r: reports.append(r), (sample.height, sample.width))
     with pytest.raises(EditCancelled):
         editor_with(editor, ["lora.enabled=false", "drag.n_pix_step=10"]).edit(sample, callbacks=[counting, stop])
-    assert len(reports) == 7  # stopped before the third drag step
+    assert [r[:2] for r in reports if r[0] != "inversion"] == [("drag", 1), ("drag", 2)]  # before the third
 
 
 
