@@ -152,7 +152,10 @@ def main(argv=None) -> int:
             status = max(status, evaluate_after_batch(cfg))
         return status
     except Interrupted as stop:
-        print(f"stopped by signal {stop.signum}; no partial output was written", file=sys.stderr)
+        batch = "cfg" in locals() and bool(cfg.data)  # a batch said how many samples finished (batch.summarize)
+        print(f"stopped by signal {stop.signum}; " + ("no sample's files are half written; run the same command "
+                                                      "again to resume" if batch else "no partial output was written"),
+              file=sys.stderr)
         return stop.exit_status
     except DragError as exc:
         print(f"error: {exc}", file=sys.stderr)

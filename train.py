@@ -74,7 +74,9 @@ def main(argv=None) -> int:
         from dragdiffusion.lora import train_lora_for_sample
         file = train_lora_for_sample(cfg, sample, cfg.out)
     except Interrupted as stop:
-        print(f"stopped by signal {stop.signum}; no partial LoRA file was written", file=sys.stderr)
+        batch = "cfg" in locals() and bool(cfg.data)  # a batch said how many samples finished (batch.summarize)
+        print(f"stopped by signal {stop.signum}; no partial LoRA file was written"
+              + ("; run the same command again to resume" if batch else ""), file=sys.stderr)
         return stop.exit_status
     except DragError as exc:
         print(f"error: {exc}", file=sys.stderr)

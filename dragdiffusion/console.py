@@ -65,8 +65,10 @@ class StageProgress:
     def __init__(self, label: str, total: int, enabled: bool = True, listeners=()):
         self.label, self.total, self.n = label, int(total), 0
         self.listeners = list(listeners)
+        # position 0, as the Trainers' bars: inside a batch's "samples" bar tqdm would otherwise place it below and
+        # move the cursor back up ("[A" codes in a log)
         self.bar = Tqdm(desc=label, total=self.total, disable=not enabled, leave=True, dynamic_ncols=True,
-                        file=sys.stderr, smoothing=0, bar_format=BAR_FORMAT)
+                        file=sys.stderr, smoothing=0, bar_format=BAR_FORMAT, position=0)
 
     def step(self, *_) -> None:
         self.n += 1
@@ -141,7 +143,7 @@ class StageProgressBar(TQDMProgressBar):
         pass  # made at the first sample: a run with nothing left to do shows no bar
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if self._predict_progress_bar is None:
+        if self.has_dataloader_changed(dataloader_idx) and self._predict_progress_bar is None:
             self.predict_progress_bar = self.bar(self.stage, self.total_predict_batches_current_dataloader)
 
     def on_predict_end(self, trainer, pl_module):
@@ -152,7 +154,7 @@ class StageProgressBar(TQDMProgressBar):
         pass
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if self._val_progress_bar is None:
+        if self.has_dataloader_changed(dataloader_idx) and self._val_progress_bar is None:
             self.val_progress_bar = self.bar(self.stage, self.total_val_batches_current_dataloader)
 
     def on_validation_end(self, trainer, pl_module):
