@@ -12,10 +12,13 @@ Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|sd21|sdxl
 logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag.
 --print-config shows every key.
 Main keys (defaults are the published ones):
+  width=512 the working width of every stage (height follows the image's aspect): drag.width (inversion, drag,
+  denoising) and lora.resolution (the identity LoRA's views) follow it, and lora.resolution follows drag.width;
+  a per-stage key given explicitly differs (width=256 lora.resolution=512). model=sd21|sdxl set 768|1024
   method=dragdiffusion|gooddrag|dragnoise|freedrag (a preset: its published LoRA, drag and schedule values;
   gooddrag.drag_end_step=7 gooddrag.track_per_step=10 gooddrag.max_drag_per_track=3 gooddrag.max_track_no_change=5
   gooddrag.beta=4 dragnoise.end_step=0 freedrag.max_step=300 freedrag.steps_per_move=5 freedrag.d_max=5 ...)
-  drag.width=512 drag.n_pix_step=80 drag.lr=0.01 drag.lam=0.1 drag.r_m=1 drag.r_p=3
+  drag.n_pix_step=80 drag.lr=0.01 drag.lam=0.1 drag.r_m=1 drag.r_p=3
   drag.inversion_strength=0.7 drag.num_inference_steps=50 drag.feature_blocks=[2] drag.guidance_scale=1.0
   lora.enabled=true lora.path=FILE lora.steps=80 reference.layers=[up_blocks.2,up_blocks.3] reference.exact=false
   trainer.precision=32|16-mixed|bf16-mixed model.dtype=auto|float32|float16|bfloat16 trainer.devices=N

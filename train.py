@@ -17,8 +17,9 @@ Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|sd21|sdxl
 logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag.
 --print-config shows every key.
 Main keys (defaults are the published ones):
+  width=512 the working width: the LoRA's views (lora.resolution follows it; model=sd21|sdxl set 768|1024)
   method=dragdiffusion|gooddrag|dragnoise|freedrag (that method's LoRA settings: 80, 70, 200 or 200 steps)
-  lora.rank=16 lora.alpha=16 lora.steps=80 lora.lr=0.0005 lora.batch_size=4 lora.resolution=512 lora.seed=0
+  lora.rank=16 lora.alpha=16 lora.steps=80 lora.lr=0.0005 lora.batch_size=4 lora.seed=0
   lora.save_every=0 (N: snapshots and resumable checkpoints) ckpt_path=<out>/checkpoints/step-N.ckpt (resume)
   lora.cache_latents=true trainer.precision=32|16-mixed|bf16-mixed trainer.devices=N model.name_or_path=...
 Exit status: 0 done, 1 a sample failed, 2 bad config or input (checked before any model loads), 3 a process

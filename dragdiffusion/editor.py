@@ -26,7 +26,7 @@ from .attention import StepWindow, classic_attention, controlled_layer_names, re
 from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone,
                        unet_gradient_checkpointing)
 from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
-from .config import EditConfig, load_config, to_yaml
+from .config import EditConfig, load_config, to_container, to_yaml
 from .data.convert import write_folder_sample
 from .ddim import ddim_denoise, ddim_invert, ddim_step, guided_eps, inversion_timesteps
 from .drag import DragEditModule, guided_eps_and_features
@@ -175,14 +175,15 @@ class DragEditor:
             return None
         lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
         lora_cfg = cfg.lora  # model.gradient_checkpointing: the LoRA stage's too
-        if self.gradient_checkpointing() and not cfg.lora.gradient_checkpointing:
-            lora_cfg = OmegaConf.merge(cfg.lora, {"gradient_checkpointing": True})
+        if self.gradient_checkpointing() and not cfg.lora.gradient_checkpointing:  # resolved: lora.resolution follows
+            lora_cfg = OmegaConf.merge(to_container(cfg.lora), {"gradient_checkpointing": True})  # drag.width
         train_lora(self.backbone, sample.image, sample.prompt, lora_cfg, cfg.trainer, lora_dir, logger=logger or False,
                    quiet=bool(cfg.get("quiet", False)), policy=self.policy,
                    callbacks=lora_callbacks(logger) + list(callbacks))
         if lora_dir is None:
             return None
-        save_text(lora_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"lora": cfg.lora, "model": cfg.model})))
+        save_text(lora_dir / "config.yaml", to_yaml(OmegaConf.create({"lora": to_container(cfg.lora),
+                                                                       "model": to_container(cfg.model)})))
         log_lora_artifact(logger, lora_dir / WEIGHT_NAME, name="lora-" + str(sample.name))
         return str(lora_dir / WEIGHT_NAME)
 

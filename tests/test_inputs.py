@@ -98,3 +98,33 @@ def test_missing_model_error_says_what_was_looked_for():
     cfg = load_config("configs/edit.yaml", ["model.name_or_path=/tmp/definitely-missing.safetensors"])
     with pytest.raises(ModelLoadError, match="not found"):
         load_backbone(cfg.model)
+
+
+def test_one_key_sets_the_working_width_of_every_stage(capsys):
+    """``width`` sets the working width of the inversion / drag / denoising (``drag.width``) and of the identity
+    LoRA's views (``lora.resolution``, which also follows ``drag.width``); a per-stage key given explicitly differs;
+    the published 512 and the model presets' widths stay."""
+    from dragdiffusion.config import LoraTrainConfig, to_yaml
+
+    def widths(*overrides, path="configs/edit.yaml"):
+        cfg = load_config(path, list(overrides))
+        return cfg.width, cfg.drag.width, cfg.lora.resolution
+
+    assert widths() == (512, 512, 512)  # published
+    assert widths("width=128") == (128, 128, 128)
+    assert widths("drag.width=128") == (512, 128, 128)  # the LoRA is no longer trained at 512 for a 128 edit
+    assert widths("width=128", "lora.resolution=256") == (128, 128, 256)  # per-stage keys still differ
+    assert widths("model=sdxl") == (1024, 1024, 1024) and widths("model=sd21") == (768, 768, 768)
+    assert widths("model=sdxl", "drag.width=768") == (1024, 768, 768)
+    assert widths(path="configs/demo.yaml") == (128, 128, 128)
+    assert "resolution: 128" in to_yaml(load_config("configs/edit.yaml", ["width=128"]))  # saved resolved
+    train = load_config("configs/lora.yaml", ["width=256"], schema=LoraTrainConfig)
+    assert train.lora.resolution == 256 and load_config(None, ["model=sdxl"], schema=LoraTrainConfig).lora.resolution == 1024
+    with pytest.raises(ConfigError, match="'width' = 100"):
+        load_config(None, ["width=100"])
+    with pytest.raises(ConfigError, match="'drag.width' = 100"):
+        load_config(None, ["drag.width=100"])
+    with pytest.raises(SystemExit):
+        edit_cli.parse_args(["--help"])
+    main_keys = capsys.readouterr().out.split("Main keys")[1]
+    assert main_keys.splitlines()[1].strip().startswith("width=512 the working width of every stage")
