@@ -23,7 +23,7 @@ from .config import runs_on_one_device
 from .data import read_sample, sample_layout
 from .demo import demo_sample
 from .errors import ModelLoadError, SampleError
-from .sample import DragSample, ReadLimits, make_sample, read_image
+from .sample import ALL_ZERO_MASK, DragSample, ReadLimits, make_sample, read_image
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 TINY_NAMES = ("tiny", "tiny-v", "tiny-xl")  # the built-in offline models (dragdiffusion.tiny.TINY_MODELS)
@@ -106,9 +106,8 @@ def input_notes(cfg, sample: DragSample | None = None) -> list[str]:
     """What a single edit takes differently from what a reader may expect, one line each (printed, not refused):
     an all-zero mask (no region constraint), ``trainer.devices`` > 1 (a single edit runs on one device)."""
     notes = []
-    if sample is not None and sample.mask is not None and not sample.has_mask:
-        notes.append(f"{sample.name}: the mask is all zero: no region constraint (the whole image may change; the "
-                     "mask term is off)")
+    if sample is not None and sample.all_zero_mask:
+        notes.append(f"{sample.name}: {ALL_ZERO_MASK}")
     if not runs_on_one_device(cfg.trainer):
         notes.append(f"trainer.devices={cfg.trainer.devices} trainer.num_nodes={cfg.trainer.num_nodes}: a single "
                      "edit runs in one process on one device (several devices split the samples of a batch: data=DIR)")

@@ -19,6 +19,9 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from .errors import SampleError
 
 
+ALL_ZERO_MASK = "the mask is all zero: no region constraint (the whole image may change; the mask term is off)"
+
+
 @dataclass
 class DragSample:
     image: np.ndarray  # H x W x 3 uint8 RGB
@@ -48,6 +51,11 @@ class DragSample:
     @property
     def has_mask(self) -> bool:
         return self.mask is not None and bool(np.any(self.mask))
+
+    @property
+    def all_zero_mask(self) -> bool:
+        """A mask was given but marks nothing: taken as no region constraint (``ALL_ZERO_MASK`` says so)."""
+        return self.mask is not None and not self.has_mask
 
     def validate(self) -> "DragSample":
         validate_sample(self)

@@ -88,6 +88,14 @@ def test_an_all_zero_mask_and_several_devices_are_said(files, tmp_path):
     assert rc == 2 and "heavy imports: none" in text, text
     assert "the mask is all zero: no region constraint" in text
     assert "trainer.devices=2" in text and "a single edit runs in one process on one device" in text
+    # a batch's validation report says it too
+    from dragdiffusion.data.convert import write_folder_sample
+    from dragdiffusion.data.validate import check_dataset, format_report
+    from dragdiffusion.sample import make_sample
+    write_folder_sample(make_sample(files / "a.png", [[1, 2], [30, 4]], np.zeros((40, 60), np.uint8)),
+                        tmp_path / "data" / "s")
+    assert "note: 1 sample(s) (s): the mask is all zero: no region constraint" in \
+        format_report(check_dataset(tmp_path / "data"))
 
 
 def test_a_hub_id_without_network_fails_at_once(files, tmp_path):
