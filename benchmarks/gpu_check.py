@@ -15,8 +15,8 @@ method of ``--methods`` (default: gooddrag, dragnoise, freedrag) then runs an ed
 (SDXL: the edit alone; SDXL's evaluation computes DIFT on the SDXL model itself).
 One line per entry point: PASS or FAIL, seconds, peak GPU memory. Exit status 0 when all pass.
 
-Samples: 3 of ../shared/data/dragbench-sample when it is there, else 3 demo samples drawn here. On a CUDA machine
-without diffusers / omegaconf, ../shared/tools/gpu-wheels.sh fetches the wheels and says how to install them.
+Samples: 3 DragBench samples from a dragbench-sample folder beside the repository when it is there (the test
+machines'), else 3 demo samples drawn here.
 """
 from __future__ import annotations
 
