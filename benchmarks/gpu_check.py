@@ -176,7 +176,7 @@ def entry_points(model: Path, data: Path, work: Path, common: list[str], quick: 
                             on_progress=reports.append)
         png, archive = save_outputs(result, cfg)
         check(png.is_file() and archive.is_file() and result.image.shape == sample.image.shape, "outputs")
-        check(any(r[0] == "drag" for r in reports), "progress reports")
+        check(any(r[0].startswith("drag") for r in reports), "progress reports")  # "drag" or "drag step k/N (t=...)"
 
     points = [("edit.py (identity LoRA on)", edit_with_lora), ("edit.py generate=true", edit_generated),
               ("train.py", train_lora), ("edit.py data= (3 samples)", batch("ok")),
