@@ -192,7 +192,7 @@ def build_layout(base: DictConfig) -> Layout:
                           gr.Number(label="Width", value=int(g.width), precision=0, step=8),
                           gr.Number(label="Height", value=int(g.height), precision=0, step=8)]
         generate = gr.Button("Generate", elem_id="generate")
-    with gr.Accordion("Settings", open=False):
+    with gr.Accordion("Settings", open=False, elem_id="settings"):
         shown = set(BUDGET_FIELDS.get(str(base.method), ()))
         with gr.Row():
             method = gr.Dropdown(method_names(), value=str(base.method), elem_id="method",

@@ -271,17 +271,40 @@ def test_app_jobs_take_the_method_preset():
     changes = settings_changes(128, 42, False, 70, 80, 0.1, 0.75, 0.02, [2])
     cfg = page_config(None, ["model=tiny"], None, changes, "gooddrag")
     assert str(cfg.method) == "gooddrag" and cfg.drag.r_p == 12 and cfg.gooddrag.drag_end_step == 7
+    assert (values["drag_steps"], values["rounds"], method_settings(None, [], "freedrag")["max_step"]) == (7, 10, 300)
+    changes = settings_changes(128, 42, False, 70, 80, 0.1, 0.75, 0.02, [2], drag_steps=3, rounds=2)
+    cfg = page_config(None, ["model=tiny"], None, changes, "gooddrag")
+    assert (cfg.gooddrag.drag_end_step, cfg.gooddrag.track_per_step, cfg.lora.resolution) == (3, 2, 128)
+
+
+def test_the_launch_line_names_the_config_keys():
+    pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
+    from dragdiffusion.app import serving_line
+    assert "app.share=true" in serving_line("http://127.0.0.1:7860", None)  # not gradio's share=True hint
+    assert "https://x.gradio.live" in serving_line("http://127.0.0.1:7860", "https://x.gradio.live")
 
 
 @pytest.mark.browser
 def test_gooddrag_runs_in_the_page(page, tmp_path):
-    page.get_by_text("Settings").first.click()
+    """The page as a new user reads it: numbered steps rendered as a list, the method selector at the top of the
+    settings (it fills the fields below it, and only the fields the method uses are shown), points counted as on
+    the command line."""
+    assert page.locator("#steps ol > li").count() == 3  # the numbered steps render as steps
+    page.locator("#settings").get_by_text("Settings").first.click()
+    page.locator("#method input").wait_for(state="visible")
+    first_field = page.locator("#settings input").first  # the method selector comes first
+    assert first_field.evaluate("e => e.closest('#method') !== null")
+    assert page.locator("#n_pix_step").is_visible() and not page.locator("#drag_steps").is_visible()
     page.locator("#method input").click()
     page.get_by_role("option", name="gooddrag").click()
     page.wait_for_function("document.querySelector('#method input').value === 'gooddrag'")
+    page.locator("#drag_steps").wait_for(state="visible")  # GoodDrag's budget: drag steps x tracking rounds
+    assert page.locator("#rounds").is_visible() and not page.locator("#n_pix_step").is_visible()
+    assert page.locator("#drag_steps input").input_value() == "7"  # filled from the preset
     upload(page, make_image(tmp_path / "in.png"))
     w, h = view_size(page)
     add_pair(page, (w * 0.35, h * 0.5), (w * 0.55, h * 0.5))
+    assert status(page).endswith("2 points = 1 handle/target pair")
     done = run(page)
     assert done.startswith("done (gooddrag):"), done
     zipfile.ZipFile(io.BytesIO(download(page, "replay_file"))).extractall(tmp_path / "replay")
