@@ -89,6 +89,7 @@ def check_single_edit(cfg):
 def edit_one(cfg, sample) -> int:
     """One sample (checked by ``check_single_edit``): the device policy, the LoRA file, the model, the edit, the
     files."""
+    from dragdiffusion.console import stop_description
     from dragdiffusion.editor import DragEditor
     from dragdiffusion.io import save_png
     from dragdiffusion.loggers import close_logger, make_logger
@@ -115,7 +116,6 @@ def edit_one(cfg, sample) -> int:
     finally:
         close_logger(logger, failed)
     t = result.trajectory
-    from dragdiffusion.console import stop_description
     why = stop_description(t.get("stop_reason"), early_stop_rule(cfg, sample))
     stop = f"stopped early at iteration {t['stop_step']}: {why}" if t["stopped_early"] else "no early stop"
     print(f"{sample.name}: {t['iterations']} drag iterations ({stop}), final distance (px): "
@@ -136,8 +136,9 @@ def main(argv=None) -> int:
             return 0
         if not cfg.data:
             return edit_one(cfg, check_single_edit(cfg))
-        from dragdiffusion.inputs import check_model
-        check_model(cfg.model)  # before the heavy imports; the samples are checked before any model loads
+        from dragdiffusion.inputs import check_data, check_model
+        check_data(cfg.data)  # before the heavy imports; the samples are checked before any model loads
+        check_model(cfg.model)
         from dragdiffusion.batch import run_batch
         from dragdiffusion.policy import DevicePolicy
         DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads

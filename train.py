@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             print(to_yaml(cfg))
             return 0
         # inputs, model path and out first, with PIL and omegaconf only: errors in seconds (dragdiffusion/inputs.py)
-        from dragdiffusion.inputs import check_model, lora_input
+        from dragdiffusion.inputs import check_data, check_model, lora_input
         from dragdiffusion.outputs import check_writable
         if cfg.data:
             if cfg.image or cfg.sample:
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
             if cfg.ckpt_path:
                 raise SampleError("ckpt_path", "resuming is for one image (image=PATH or sample=DIR); with data=DIR "
                                                "finished samples are skipped")
+            check_data(cfg.data)
         else:
             sample = lora_input(cfg)
         check_model(cfg.model)

@@ -77,6 +77,13 @@ def generation_inputs(cfg) -> DragSample:
     return make_sample(blank, cfg.points, cfg.mask, "" if cfg.prompt is None else str(cfg.prompt), "generated", limits)
 
 
+def check_data(data) -> None:
+    """``data=DIR`` is a folder (its samples are read and checked by the batch, before any model loads)."""
+    if not Path(data).is_dir():
+        raise SampleError("data", f"folder not found: {data}" if not Path(data).exists() else
+                                  f"{data} is a file; expected a dataset folder")
+
+
 def lora_input(cfg) -> DragSample:
     """The image of ``train.py`` (one LoRA): ``sample=DIR`` (any layout; its prompt unless ``prompt=`` is given) or
     ``image=PATH [prompt=TEXT]``, read and checked. Named after its sample folder when the image is a sample

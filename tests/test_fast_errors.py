@@ -70,6 +70,12 @@ def test_edit_input_errors_come_before_torch_is_imported(files, tmp_path, case):
         assert "tiny" in text
 
 
+def test_a_missing_dataset_folder_is_said_before_torch_is_imported(tmp_path):
+    for script in ("edit.py", "train.py"):
+        rc, text = run_script(script, f"data={tmp_path / 'no-such-dataset'}", f"out={tmp_path / 'out'}")
+        assert rc == 2 and "data: folder not found" in text and "heavy imports: none" in text, text
+
+
 def test_train_input_errors_come_before_torch_is_imported(files, tmp_path):
     rc, text = run_script("train.py", f"image={files}/corrupt.jpg", f"out={tmp_path / 'lora'}")
     assert rc == 2 and "cannot read" in text and "heavy imports: none" in text, text
