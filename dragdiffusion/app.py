@@ -468,12 +468,13 @@ def build_app(config_path=None, overrides=()) -> gr.Blocks:
     return demo
 
 
-def serving_line(url: str, share_url: str | None) -> str:
+def serving_line(url: str, share_url: str | None, host: str = "127.0.0.1") -> str:
     """Where the app is served, with the config keys that change it (gradio's own hint names its Python argument)."""
     if share_url:
         return f"serving on {url} and at the public link {share_url} (app.share=true; anyone with the link can use it)"
-    return (f"serving on {url} (app.host=127.0.0.1: this machine only; a public gradio.live link: app.share=true; "
-            "another port: app.port=N)")
+    reach = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "other machines too"
+    return (f"serving on {url} (app.host={host}: {reach}; a public gradio.live link: app.share=true; another port: "
+            "app.port=N)")
 
 
 def launch(demo: gr.Blocks, app_cfg, block: bool = True):
@@ -484,7 +485,7 @@ def launch(demo: gr.Blocks, app_cfg, block: bool = True):
                          share=bool(app_cfg.share), prevent_thread_lock=True, quiet=True,
                          footer_links=["gradio"], show_error=False)
     if block:
-        print(serving_line(served[1], served[2]), flush=True)
+        print(serving_line(served[1], served[2], str(app_cfg.host)), flush=True)
         demo.block_thread()
     return served
 

@@ -281,6 +281,7 @@ def test_the_launch_line_names_the_config_keys():
     pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
     from dragdiffusion.app import serving_line
     assert "app.share=true" in serving_line("http://127.0.0.1:7860", None)  # not gradio's share=True hint
+    assert "app.host=0.0.0.0: other machines too" in serving_line("http://0.0.0.0:7860", None, "0.0.0.0")
     assert "https://x.gradio.live" in serving_line("http://127.0.0.1:7860", "https://x.gradio.live")
 
 
