@@ -128,3 +128,27 @@ def test_one_key_sets_the_working_width_of_every_stage(capsys):
         edit_cli.parse_args(["--help"])
     main_keys = capsys.readouterr().out.split("Main keys")[1]
     assert main_keys.splitlines()[1].strip().startswith("width=512 the working width of every stage")
+
+
+def test_train_takes_a_sample_folder_and_names_the_lora_after_it(tmp_path):
+    """train.py's image: ``sample=DIR`` (its image and prompt) or ``image=PATH``; a Drag100 image (every one is
+    original.jpg) is named after its sample folder, a lone file after itself."""
+    from dragdiffusion.config import LoraTrainConfig
+    from dragdiffusion.data.convert import write_drag100_sample
+    from dragdiffusion.demo import demo_sample
+    from dragdiffusion.inputs import lora_input
+    sample = demo_sample(64, 48)
+    sample.prompt = "a drawing"
+    write_drag100_sample(sample, tmp_path / "art_0")
+    Image.fromarray(rgb()).save(tmp_path / "cat.png")
+
+    def train_input(*overrides):
+        return lora_input(load_config("configs/lora.yaml", list(overrides), schema=LoraTrainConfig))
+
+    by_folder = train_input(f"sample={tmp_path / 'art_0'}")
+    assert (by_folder.name, by_folder.prompt, by_folder.image.shape) == ("art_0", "a drawing", (48, 64, 3))
+    assert train_input(f"sample={tmp_path / 'art_0'}", "prompt=other").prompt == "other"
+    assert train_input(f"image={tmp_path / 'art_0' / 'original.jpg'}").name == "art_0"
+    assert train_input(f"image={tmp_path / 'cat.png'}").name == "cat"
+    with pytest.raises(SampleError, match="either sample=DIR or image=PATH"):
+        train_input(f"image={tmp_path / 'cat.png'}", f"sample={tmp_path / 'art_0'}")
