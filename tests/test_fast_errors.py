@@ -113,3 +113,10 @@ def test_a_hub_id_without_network_fails_at_once(files, tmp_path):
     assert rc == 2 and "heavy imports: none" in text, text
     assert "'some-org/not-a-model' is a hub id" in text and "cannot be reached" in text and "hf download" in text
     assert "Retrying" not in text and "stacktrace" not in text
+
+
+def test_the_light_model_check_knows_the_tiny_models():
+    """inputs.py cannot import tiny.py (torch): its list of the built-in names must be tiny.py's."""
+    from dragdiffusion.inputs import TINY_NAMES
+    from dragdiffusion.tiny import TINY_MODELS
+    assert sorted(TINY_NAMES) == sorted(TINY_MODELS)
