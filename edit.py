@@ -12,13 +12,16 @@ Overrides are OmegaConf dotlist items (key=value); presets: model=sd15|sd21|sdxl
 logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion|gooddrag|dragnoise|freedrag|fastdrag
 (NAME+text: with DragText). --print-config shows every key.
 Main keys (defaults are the published ones):
+  width=512 the working width of every stage (height follows the image's aspect): drag.width (inversion, drag,
+  denoising) and lora.resolution (the identity LoRA's views) follow it, and lora.resolution follows drag.width;
+  a per-stage key given explicitly differs (width=256 lora.resolution=512). model=sd21|sdxl set 768|1024
   method=dragdiffusion|gooddrag|dragnoise|freedrag|fastdrag (a preset: its published LoRA, drag and schedule values;
   gooddrag.drag_end_step=7 gooddrag.track_per_step=10 gooddrag.max_drag_per_track=3 gooddrag.max_track_no_change=5
   gooddrag.beta=4 dragnoise.end_step=0 freedrag.max_step=300 freedrag.steps_per_move=5 freedrag.d_max=5
   fastdrag.fill=interpolation|sequential fastdrag.kv_layers=[up_blocks] ...); method=gooddrag+text or
   text.optimize=true (DragText, every method but fastdrag) text.lr=0.004 text.lam=0.1 text.mask_term=false
   model.unet=HUB_ID|DIR (another UNet, e.g. FastDrag's LCM one: SimianLuo/LCM_Dreamshaper_v7)
-  drag.width=512 drag.n_pix_step=80 drag.lr=0.01 drag.lam=0.1 drag.r_m=1 drag.r_p=3
+  drag.n_pix_step=80 drag.lr=0.01 drag.lam=0.1 drag.r_m=1 drag.r_p=3
   drag.inversion_strength=0.7 drag.num_inference_steps=50 drag.feature_blocks=[2] drag.guidance_scale=1.0
   lora.enabled=true lora.path=FILE lora.steps=80 reference.layers=[up_blocks.2,up_blocks.3] reference.exact=false
   trainer.precision=32|16-mixed|bf16-mixed model.dtype=auto|float32|float16|bfloat16 trainer.devices=N
@@ -57,26 +60,9 @@ def parse_args(argv=None):
 
 
 def load_input(cfg):
-    """The sample to edit, read and checked (files first) before any model loads."""
-    from dragdiffusion.data import read_sample
-    from dragdiffusion.demo import demo_sample
-    from dragdiffusion.errors import SampleError
-    from dragdiffusion.generated import generation_inputs
-    from dragdiffusion.sample import ReadLimits, make_sample
-    limits = ReadLimits.from_config(cfg)
-    if cfg.generate:  # the image comes from the prompt; points and mask from points=/mask= or sample=DIR
-        return generation_inputs(cfg)
-    if cfg.sample == "demo":
-        return demo_sample()
-    if cfg.sample:
-        return read_sample(cfg.sample, limits=limits)
-    if cfg.image is None:
-        if cfg.points is not None or cfg.mask is not None:
-            raise SampleError("image", "points or mask were given but no image=PATH")
-        raise SampleError("input", "nothing to edit; give one of sample=DIR (a DragBench, our or Drag100 sample folder), "
-                                   "image=PATH points='[[x, y], ...]' [mask=PATH], data=DIR (a dataset), "
-                                   "generate=true prompt=TEXT points=..., or sample=demo (the built-in demo)")
-    return make_sample(cfg.image, cfg.points, cfg.mask, cfg.prompt or "", Path(cfg.image).stem, limits)
+    """The sample to edit, read and checked (files first) before torch or any model is imported (inputs.py)."""
+    from dragdiffusion.inputs import load_input as read_input
+    return read_input(cfg)
 
 
 def early_stop_rule(cfg, sample) -> str:
@@ -90,20 +76,34 @@ def early_stop_rule(cfg, sample) -> str:
                      grid_size(work_w, work_h, float(d.sup_res_factor)))
 
 
-def edit_one(cfg, policy) -> int:
-    """One sample: inputs, LoRA file and out checked first, then the model, the edit, the files."""
+def check_single_edit(cfg):
+    """A single edit's inputs, model path and ``out``, checked with PIL, numpy and omegaconf only: a bad input is an
+    error within seconds, before torch, Lightning and diffusers are imported (dragdiffusion/inputs.py)."""
+    from dragdiffusion.inputs import check_model, input_notes
+    from dragdiffusion.outputs import prepare_edit_folder
+    sample = load_input(cfg)
+    for line in input_notes(cfg, sample):
+        print(f"note: {line}", file=sys.stderr)
+    check_model(cfg.model)
+    note = prepare_edit_folder(cfg.out, bool(cfg.overwrite))
+    if note:
+        print(note, file=sys.stderr)
+    return sample
+
+
+def edit_one(cfg, sample) -> int:
+    """One sample (checked by ``check_single_edit``): the device policy, the LoRA file, the model, the edit, the
+    files."""
+    from dragdiffusion.console import stop_description
     from dragdiffusion.editor import DragEditor
     from dragdiffusion.io import save_png
     from dragdiffusion.loggers import close_logger, make_logger
     from dragdiffusion.lora import check_lora_file
-    from dragdiffusion.outputs import prepare_edit_folder
+    from dragdiffusion.policy import DevicePolicy
     from dragdiffusion.signals import deferred_signals
-    sample = load_input(cfg)
+    policy = DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
     if cfg.lora.path and not cfg.generate:
         check_lora_file(cfg.lora.path, cfg.lora.rank, sample.name)  # the header, before the model loads
-    note = prepare_edit_folder(cfg.out, bool(cfg.overwrite))
-    if note:
-        print(note)
     logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)  # False for logger=none
     failed = True
     try:
@@ -121,8 +121,8 @@ def edit_one(cfg, policy) -> int:
     finally:
         close_logger(logger, failed)
     t = result.trajectory
-    stop = f"stopped early at iteration {t['stop_step']}: {early_stop_rule(cfg, sample)}" if t["stopped_early"] \
-        else "no early stop"
+    why = stop_description(t.get("stop_reason"), early_stop_rule(cfg, sample))
+    stop = f"stopped early at iteration {t['stop_step']}: {why}" if t["stopped_early"] else "no early stop"
     print(f"{sample.name}: {t['iterations']} drag iterations ({stop}), final distance (px): "
           f"{[round(d, 1) for d in t['final_distance_px']]}; wrote {out}/dragged_image.png")
     return 0
@@ -139,14 +139,17 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        from dragdiffusion.policy import DevicePolicy
-        policy = DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if not cfg.data:
-            return edit_one(cfg, policy)
+            return edit_one(cfg, check_single_edit(cfg))
+        from dragdiffusion.inputs import check_data, check_model
+        check_data(cfg.data)  # before the heavy imports; the samples are checked before any model loads
+        check_model(cfg.model)
         if cfg.evaluate:  # the evaluation's config, models and dependencies, before the first edit
             from dragdiffusion.evaluation import evaluation_before_batch
             evaluation_before_batch(cfg)
         from dragdiffusion.batch import run_batch
+        from dragdiffusion.policy import DevicePolicy
+        DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if cfg.methods:  # one batch per method, <out>/<method>/, then one evaluation over all of them
             status = 0
             for method in cfg.methods:
@@ -161,7 +164,10 @@ def main(argv=None) -> int:
             status = max(status, evaluate_after_batch(cfg))
         return status
     except Interrupted as stop:
-        print(f"stopped by signal {stop.signum}; no partial output was written", file=sys.stderr)
+        batch = "cfg" in locals() and bool(cfg.data)  # a batch said how many samples finished (batch.summarize)
+        print(f"stopped by signal {stop.signum}; " + ("no sample's files are half written; run the same command "
+                                                      "again to resume" if batch else "no partial output was written"),
+              file=sys.stderr)
         return stop.exit_status
     except DragError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 """Train the identity LoRA of one image, or one LoRA per sample of a dataset (DragDiffusion stage 1).
 
   python train.py model=tiny image=cat.png prompt="a photo of a cat" out=outputs/lora/cat
+  python train.py sample=Drag100/art_0 out=outputs/lora/art_0     # a sample folder (its image and prompt)
   python train.py --config configs/lora.yaml data=path/to/DragBench out=outputs/lora/dragbench
   python train.py --convert official/pytorch_lora_weights.safetensors loras/cat   # an official DragDiffusion LoRA
 
@@ -17,8 +18,9 @@ logger=none|csv|tensorboard|wandb, trainer=default|cpu|gpu, method=dragdiffusion
 (NAME+text: the same LoRA; fastdrag has none).
 --print-config shows every key.
 Main keys (defaults are the published ones):
+  width=512 the working width: the LoRA's views (lora.resolution follows it; model=sd21|sdxl set 768|1024)
   method=dragdiffusion|gooddrag|dragnoise|freedrag (that method's LoRA settings: 80, 70, 200 or 200 steps)
-  lora.rank=16 lora.alpha=16 lora.steps=80 lora.lr=0.0005 lora.batch_size=4 lora.resolution=512 lora.seed=0
+  lora.rank=16 lora.alpha=16 lora.steps=80 lora.lr=0.0005 lora.batch_size=4 lora.seed=0
   lora.save_every=0 (N: snapshots and resumable checkpoints) ckpt_path=<out>/checkpoints/step-N.ckpt (resume)
   lora.cache_latents=true trainer.precision=32|16-mixed|bf16-mixed trainer.devices=N model.name_or_path=...
 Exit status: 0 done, 1 a sample failed, 2 bad config or input (checked before any model loads), 3 a process
@@ -28,7 +30,6 @@ of a multi-device data=DIR run was lost (the summary lists what finished; the sa
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -54,27 +55,31 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        # inputs, model path and out first, with PIL and omegaconf only: errors in seconds (dragdiffusion/inputs.py)
+        from dragdiffusion.inputs import check_data, check_model, lora_input
+        from dragdiffusion.outputs import check_writable
+        if cfg.data:
+            if cfg.image or cfg.sample:
+                raise SampleError("data", "give either data=DIR or image=PATH / sample=DIR, not both")
+            if cfg.ckpt_path:
+                raise SampleError("ckpt_path", "resuming is for one image (image=PATH or sample=DIR); with data=DIR "
+                                               "finished samples are skipped")
+            check_data(cfg.data)
+        else:
+            sample = lora_input(cfg)
+        check_model(cfg.model)
+        check_writable(cfg.out)
         from dragdiffusion.policy import DevicePolicy
         DevicePolicy.from_config(cfg)  # precision, dtype and device, before any model loads
         if cfg.data:
-            if cfg.image:
-                raise SampleError("data", "give either data=DIR or image=PATH, not both")
-            if cfg.ckpt_path:
-                raise SampleError("ckpt_path", "resuming is for one image (image=PATH); with data=DIR finished "
-                                               "samples are skipped")
             from dragdiffusion.batch import run_lora_batch
             return run_lora_batch(cfg)
-        if not cfg.image:
-            raise SampleError("image", "expected image=PATH [prompt=TEXT] or data=DIR")
         from dragdiffusion.lora import train_lora_for_sample
-        from dragdiffusion.outputs import check_writable
-        from dragdiffusion.sample import DragSample, ReadLimits, read_image
-        image = read_image(cfg.image, limits=ReadLimits.from_config(cfg))
-        check_writable(cfg.out)
-        sample = DragSample(image, [], [], None, cfg.prompt or "", Path(cfg.image).stem)
         file = train_lora_for_sample(cfg, sample, cfg.out)
     except Interrupted as stop:
-        print(f"stopped by signal {stop.signum}; no partial LoRA file was written", file=sys.stderr)
+        batch = "cfg" in locals() and bool(cfg.data)  # a batch said how many samples finished (batch.summarize)
+        print(f"stopped by signal {stop.signum}; no partial LoRA file was written"
+              + ("; run the same command again to resume" if batch else ""), file=sys.stderr)
         return stop.exit_status
     except DragError as exc:
         print(f"error: {exc}", file=sys.stderr)

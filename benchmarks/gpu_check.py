@@ -16,8 +16,8 @@ edit (with its LoRA; FastDrag has none), a batch and the app's edit function (SD
 computes DIFT on the SDXL model itself).
 One line per entry point: PASS or FAIL, seconds, peak GPU memory. Exit status 0 when all pass.
 
-Samples: 3 of ../shared/data/dragbench-sample when it is there, else 3 demo samples drawn here. On a CUDA machine
-without diffusers / omegaconf, ../shared/tools/gpu-wheels.sh fetches the wheels and says how to install them.
+Samples: 3 DragBench samples from a dragbench-sample folder beside the repository when it is there (the test
+machines'), else 3 demo samples drawn here.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def entry_points(model: Path, data: Path, work: Path, common: list[str], quick: 
                             on_progress=reports.append)
         png, archive = save_outputs(result, cfg)
         check(png.is_file() and archive.is_file() and result.image.shape == sample.image.shape, "outputs")
-        check(any(r[0] == "drag" for r in reports) or not keys, "progress reports")  # FastDrag: no drag steps
+        check(any(r[0].startswith("drag") for r in reports) or not keys, "progress reports")  # FastDrag: no fit
 
     points = [("edit.py (identity LoRA on)", edit_with_lora), ("edit.py generate=true", edit_generated),
               ("train.py", train_lora), ("edit.py data= (3 samples)", batch("ok")),

@@ -24,15 +24,25 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from .app_jobs import (CONFIG_MODEL, RUNNER, edit_job, generate_job, method_names, method_settings, model_settings,
-                       page_config, save_outputs, settings_changes, timing_line)
+from .app_jobs import (ALL_BUDGET_FIELDS, CONFIG_MODEL, RUNNER, budget_fields, edit_job, generate_job, method_names,
+                       method_settings, model_settings, page_config, save_outputs, settings_changes, timing_line)
 from .callbacks import EditCancelled
 from .config import CONFIG_DIR, cli_parser, load_config, method_label, to_container, to_yaml
 from .errors import DragError
 from .images import resize_uint8
-from .sample import draw_drag, exif_orientation, to_rgb_uint8, upright, working_size
+from .sample import draw_drag, exif_orientation, points_count, to_rgb_uint8, upright, working_size
 
 VIEW_SIZE = 400  # the points view enlarges small working images to about this many pixels
+# the Settings panel's fields, in the order the events take them: the method first (it fills the fields below it)
+SETTINGS = ("method", "model", "width", "seed", "lora_on", "lora_steps", "n_pix_step", "drag_steps", "rounds",
+            "max_step", "lam", "strength", "lr", "blocks")
+METHOD_FIELDS = ("lora_on", "lora_steps", "n_pix_step", "drag_steps", "rounds", "max_step", "lam", "strength", "lr")
+STEPS = ("## DragDiffusion: drag editing\n\n"
+         "1. Upload an image (or generate one below) and paint the region that may change.\n"
+         "2. Click a handle, then its target, on the middle image (repeat for more pairs).\n"
+         "3. Write the prompt, pick the method under *Settings* (its published values fill the fields), and *Run*.\n\n"
+         "The replay zip holds the edit as a sample folder: `python edit.py --config DIR/config.yaml sample=DIR` "
+         "runs it again.")
 
 
 # ----------------------------------------------------------------------------------------------- view helpers
@@ -115,9 +125,12 @@ class Layout:
     status: gr.Textbox
     generation: list  # seed, guidance, steps, width, height
     generate: gr.Button
-    settings: list  # model, width, seed, LoRA on, LoRA steps, drag iterations, lam, strength, lr, blocks, method
+    settings: list  # the Settings fields in SETTINGS order
     session: gr.State  # {"original", "display", "view", "generated", "generation"}
     points: gr.State  # [[x, y], ...] alternating handle, target, in pixels of the original image
+
+    def setting(self, name: str):
+        return self.settings[SETTINGS.index(name)]
 
 
 class UprightImageEditor(gr.ImageEditor):
@@ -145,10 +158,7 @@ class UprightImageEditor(gr.ImageEditor):
 def build_layout(base: DictConfig) -> Layout:
     """Create the components (inside a ``gr.Blocks``), with the config's values as their defaults."""
     d, lo, g = base.drag, base.lora, base.generation
-    gr.Markdown("## DragDiffusion: drag editing\n1. Upload an image (or generate one below) and paint the "
-                "region that may change. 2. Click a handle, then its target (repeat for more pairs). 3. Run. "
-                "The replay zip holds the edit as a sample folder: `python edit.py --config DIR/config.yaml "
-                "sample=DIR` runs it again.")
+    gr.Markdown(STEPS, elem_id="steps")
     session, points = gr.State({}), gr.State([])
     with gr.Row(equal_height=True):
         canvas = UprightImageEditor(
@@ -182,8 +192,12 @@ def build_layout(base: DictConfig) -> Layout:
                           gr.Number(label="Width", value=int(g.width), precision=0, step=8),
                           gr.Number(label="Height", value=int(g.height), precision=0, step=8)]
         generate = gr.Button("Generate", elem_id="generate")
-    with gr.Accordion("Settings", open=False):
+    with gr.Accordion("Settings", open=False, elem_id="settings"):
+        shown = set(budget_fields(method_label(base)))
         with gr.Row():
+            method = gr.Dropdown(method_names(), value=method_label(base), elem_id="method",
+                                 label="Drag method (its published defaults fill the fields below; only the fields "
+                                       "it uses are shown)")
             model = gr.Dropdown([CONFIG_MODEL] + model_presets(), value=CONFIG_MODEL,
                                 label=f"Model preset ({CONFIG_MODEL}: {base.model.name_or_path})")
             width = gr.Number(label="Working width (px)", value=int(d.width), precision=0, step=8)
@@ -192,18 +206,25 @@ def build_layout(base: DictConfig) -> Layout:
             lora_on = gr.Checkbox(label="Identity LoRA", value=bool(lo.enabled))
             lora_steps = gr.Number(label="LoRA steps", value=int(lo.steps), precision=0, minimum=0)
         with gr.Row():
-            n_pix_step = gr.Number(label="Drag iterations", value=int(d.n_pix_step), precision=0, minimum=0)
+            n_pix_step = gr.Number(label="Drag iterations", value=int(d.n_pix_step), precision=0, minimum=0,
+                                   visible="n_pix_step" in shown, elem_id="n_pix_step")
+            drag_steps = gr.Number(label="Drag steps (denoising steps that drag)",
+                                   value=int(base.gooddrag.drag_end_step), precision=0, minimum=1,
+                                   visible="drag_steps" in shown, elem_id="drag_steps")
+            rounds = gr.Number(label=f"Tracking rounds per drag step (x {base.gooddrag.max_drag_per_track} optimizer "
+                                     "steps)", value=int(base.gooddrag.track_per_step), precision=0, minimum=1,
+                               visible="rounds" in shown, elem_id="rounds")
+            max_step = gr.Number(label="Adam steps at most", value=int(base.freedrag.max_step), precision=0,
+                                 minimum=1, visible="max_step" in shown, elem_id="max_step")
             lam = gr.Number(label="Mask weight (lam)", value=float(d.lam), minimum=0)
             strength = gr.Slider(0.05, 1.0, value=float(d.inversion_strength), step=0.05, label="Inversion strength")
             lr = gr.Number(label="Latent lr", value=float(d.lr))
             blocks = gr.CheckboxGroup([0, 1, 2, 3], value=list(d.feature_blocks), label="Feature up_blocks")
-        with gr.Row():
-            method = gr.Dropdown(method_names(), value=method_label(base), elem_id="method",
-                                 label="Drag method (its published defaults fill the fields above)")
+    fields = dict(method=method, model=model, width=width, seed=seed, lora_on=lora_on, lora_steps=lora_steps,
+                  n_pix_step=n_pix_step, drag_steps=drag_steps, rounds=rounds, max_step=max_step, lam=lam,
+                  strength=strength, lr=lr, blocks=blocks)
     return Layout(canvas, points_view, undo, clear_points, result_view, result_file, replay_file, prompt, run,
-                  cancel, status, generation, generate,
-                  [model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, method], session,
-                  points)
+                  cancel, status, generation, generate, [fields[name] for name in SETTINGS], session, points)
 
 
 # ----------------------------------------------------------------------------------------------- events
@@ -216,8 +237,13 @@ class AppEvents:
         self.overrides = list(overrides)
 
     def config(self, settings, extra: dict | None = None) -> DictConfig:
-        model, *rest, method = settings
-        changes = settings_changes(*rest)
+        """The run's config from the Settings values (in SETTINGS order; the drag budget fields of other methods
+        are not taken) and ``extra`` changes."""
+        v = dict(zip(SETTINGS, settings))
+        method, model = v["method"], v["model"]
+        budget = {k: v[k] for k in ("drag_steps", "rounds", "max_step") if k in budget_fields(method)}
+        changes = settings_changes(v["width"], v["seed"], v["lora_on"], v["lora_steps"], v["n_pix_step"], v["lam"],
+                                   v["strength"], v["lr"], v["blocks"], **budget)
         for key, value in (extra or {}).items():
             changes[key] = {**changes[key], **value} if isinstance(value, dict) and key in changes else value
         return page_config(self.config_path, self.overrides, model, changes, method)
@@ -229,10 +255,12 @@ class AppEvents:
         return v["width"], v["blocks"]
 
     def method_chosen(self, method):
-        """A method picked: its preset's values into the Settings fields (LoRA on, LoRA steps, iterations, lam,
-        strength, lr)."""
+        """A method picked: its preset's values into the Settings fields (METHOD_FIELDS: LoRA on and its steps, its
+        drag budget, lam, strength, lr); only its own drag budget fields are shown."""
         v = method_settings(self.config_path, self.overrides, method)
-        return v["lora_on"], v["lora_steps"], v["n_pix_step"], v["lam"], v["strength"], v["lr"]
+        own = budget_fields(method)
+        return tuple(gr.update(value=v[k], visible=k in own) if k in ALL_BUDGET_FIELDS else v[k]
+                     for k in METHOD_FIELDS)
 
     # ---------------------------------------------------------------- image and points
     def upload(self, value, sess, width):
@@ -274,18 +302,19 @@ class AppEvents:
         oy = min(max((y + 0.5) * original.shape[0] / shown.shape[0] - 0.5, 0), original.shape[0] - 1)
         pts = pts + [[float(ox), float(oy)]]
         kind = "target" if len(pts) % 2 == 0 else "handle"
-        return pts, self.redraw(sess, pts), f"{kind} {len(pts) // 2 + len(pts) % 2} at ({ox:.1f}, {oy:.1f})"
+        return (pts, self.redraw(sess, pts),
+                f"{kind} {len(pts) // 2 + len(pts) % 2} at ({ox:.1f}, {oy:.1f}): {points_count(len(pts))}")
 
     def undo(self, sess, pts):
         pts = pts[:-1]
-        return pts, self.redraw(sess, pts), f"{len(pts)} point(s)"
+        return pts, self.redraw(sess, pts), points_count(len(pts))
 
     def clear_points(self, sess):
         return [], self.redraw(sess, []), "points cleared"
 
     # ---------------------------------------------------------------- device jobs
-    def run(self, value, sess, pts, prompt, model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength,
-            lr, blocks, method, request: gr.Request):
+    def run(self, value, sess, pts, prompt, method, model, width, seed, lora_on, lora_steps, n_pix_step, drag_steps,
+            rounds, max_step, lam, strength, lr, blocks, request: gr.Request):
         """Run: (status, points view, result, result file, replay zip) as the job goes."""
         keep = (gr.update(),) * 4
 
@@ -302,15 +331,17 @@ class AppEvents:
             yield say("error: points: none yet; click a handle, then its target, on the middle image", True)
             return
         if len(pts) % 2:
-            yield say(f"error: points: {len(pts)} clicks, an odd number; click the last handle's target "
-                      "(or undo it)", True)
+            yield say(f"error: points: odd number of points ({points_count(len(pts))}); click the last handle's "
+                      "target (or undo it)", True)
             return
         generated = sess.get("generated")
-        settings = (model, width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, method)
+        settings = (method, model, width, seed, lora_on, lora_steps, n_pix_step, drag_steps, rounds, max_step, lam,
+                    strength, lr, blocks)
         try:
             if generated is not None:  # the generation's model and schedule, the page's drag settings
                 gen = sess["generation"]
-                settings = (gen["model"],) + settings[1:]
+                settings = tuple(gen["model"] if name == "model" else value
+                                 for name, value in zip(SETTINGS, settings))
                 cfg = self.config(settings, {"drag": {"inversion_strength": gen["inversion_strength"]},
                                              "generate": True, "prompt": generated.prompt,
                                              "generation": gen["generation"]})
@@ -329,7 +360,7 @@ class AppEvents:
         mask_shown = mask_disp if has_mask else None
         stages = [] if generated is not None or not cfg.lora.enabled else [f"LoRA ({cfg.lora.steps} steps)"]
         label = method_label(cfg)
-        stages += [f"{label} drag" if generated is not None else f"inversion, {label} drag", "denoising"]
+        stages += ([] if generated is not None else ["inversion"]) + [f"drag ({label})", "denoise", "decode"]
         yield ("running: " + ", ".join(stages),) + keep
         try:
             jobs = RUNNER.run(job, request.session_hash if request else "local")
@@ -339,12 +370,12 @@ class AppEvents:
                 except StopIteration as stop:
                     result = stop.value
                     break
-                if stage == "drag":
+                if handles is not None:  # a drag stage: "drag" or "drag step 2/7 (t=721)", as on the console
                     where = ", ".join(f"({x:.0f}, {y:.0f})" for x, y in handles)
-                    yield (f"drag iteration {step}/{total}: handles at {where}",
+                    yield (f"{stage}: iteration {step}/{total}: handles at {where}",
                            self.redraw(sess, pts, handles, mask_shown), gr.update(), gr.update(), gr.update())
                 else:
-                    yield (f"LoRA step {step}/{total}",) + keep
+                    yield (f"{stage}: {step}/{total}",) + keep
             png, archive = save_outputs(result, cfg)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, the app keeps serving
             if isinstance(exc, (GeneratorExit, KeyboardInterrupt)):
@@ -353,7 +384,8 @@ class AppEvents:
             return
         t = result.trajectory
         dist = ", ".join(f"{v:.1f}" for v in t["final_distance_px"])
-        stop = f"stopped early at iteration {t['stop_step']}" if t["stopped_early"] else "ran every iteration"
+        why = t.get("stop_reason") if t.get("stop_reason") not in (None, "reached") else "handles reached"
+        stop = f"stopped early at iteration {t['stop_step']}: {why}" if t["stopped_early"] else "ran every iteration"
         steps = f" at {len(t['drag_timesteps'])} timesteps" if len(t.get("drag_timesteps", [])) > 1 else ""
         drag = "one latent warp" if "fastdrag" in t else f"{t['iterations']} drag iterations{steps} ({stop})"
         done = (f"done ({label}) {timing_line(result.seconds)}: {drag}, final distance (px): {dist}; result "
@@ -361,11 +393,12 @@ class AppEvents:
         last = [list(p) for p in t["handles"][-1]] if t["handles"] else None
         yield done, self.redraw(sess, pts, last, mask_shown), result.image, str(png), str(archive)
 
-    def generate(self, prompt, seed, guidance, steps, gen_width, gen_height, model, width, run_seed, lora_on,
-                 lora_steps, n_pix_step, lam, strength, lr, blocks, method, request: gr.Request):
+    def generate(self, prompt, seed, guidance, steps, gen_width, gen_height, method, model, width, run_seed, lora_on,
+                 lora_steps, n_pix_step, drag_steps, rounds, max_step, lam, strength, lr, blocks, request: gr.Request):
         """Generate: (status, canvas, session, points, points view)."""
         keep = (gr.update(),) * 4
-        settings = (model, width, run_seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, method)
+        settings = (method, model, width, run_seed, lora_on, lora_steps, n_pix_step, drag_steps, rounds, max_step, lam,
+                    strength, lr, blocks)
         try:
             generation = {"seed": int(seed), "guidance_scale": float(guidance), "steps": int(steps),
                           "width": int(gen_width), "height": int(gen_height)}
@@ -422,9 +455,10 @@ def wire_events(ui: Layout, events: AppEvents) -> None:
     generate = ui.generate.click(events.generate, [ui.prompt] + ui.generation + ui.settings,
                                  [ui.status, ui.canvas, ui.session, ui.points, ui.points_view], **device)
     ui.cancel.click(events.cancel, None, ui.status, cancels=[run, generate], **live)
-    ui.settings[-1].change(events.method_chosen, [ui.settings[-1]], [ui.settings[i] for i in (3, 4, 5, 6, 7, 8)],
-                           **live)
-    ui.settings[0].change(events.model_chosen, [ui.settings[0]], [ui.settings[1], ui.settings[9]], **live)
+    ui.setting("method").change(events.method_chosen, [ui.setting("method")],
+                                [ui.setting(name) for name in METHOD_FIELDS], **live)
+    ui.setting("model").change(events.model_chosen, [ui.setting("model")], [ui.setting("width"), ui.setting("blocks")],
+                               **live)
 
 
 def build_app(config_path=None, overrides=()) -> gr.Blocks:
@@ -435,12 +469,26 @@ def build_app(config_path=None, overrides=()) -> gr.Blocks:
     return demo
 
 
+def serving_line(url: str, share_url: str | None, host: str = "127.0.0.1") -> str:
+    """Where the app is served, with the config keys that change it (gradio's own hint names its Python argument)."""
+    if share_url:
+        return f"serving on {url} and at the public link {share_url} (app.share=true; anyone with the link can use it)"
+    reach = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "other machines too"
+    return (f"serving on {url} (app.host={host}: {reach}; a public gradio.live link: app.share=true; another port: "
+            "app.port=N)")
+
+
 def launch(demo: gr.Blocks, app_cfg, block: bool = True):
-    """Queue device jobs (one at a time) and serve on ``app.host``:``app.port`` (0 = a free port)."""
+    """Queue device jobs (one at a time) and serve on ``app.host``:``app.port`` (0 = a free port); ``block``: say
+    where (``serving_line``) and serve until stopped. Returns (app, local URL, share URL or None)."""
     demo.queue(max_size=int(app_cfg.max_queue), default_concurrency_limit=1)
-    return demo.launch(server_name=str(app_cfg.host), server_port=int(app_cfg.port) or None,
-                       share=bool(app_cfg.share), prevent_thread_lock=not block, quiet=not block,
-                       footer_links=["gradio"], show_error=False)
+    served = demo.launch(server_name=str(app_cfg.host), server_port=int(app_cfg.port) or None,
+                         share=bool(app_cfg.share), prevent_thread_lock=True, quiet=True,
+                         footer_links=["gradio"], show_error=False)
+    if block:
+        print(serving_line(served[1], served[2], str(app_cfg.host)), flush=True)
+        demo.block_thread()
+    return served
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import ProgressReporter
-from .config import load_config, method_names, to_yaml, validate_config
+from .config import load_config, method_names, split_method_name, to_yaml, validate_config
 from .editor import DragEditor, EditResult
 from .errors import ConfigError
 from .generated import GeneratedImage
@@ -33,26 +33,50 @@ CONFIG_MODEL = "as configured"  # the model preset choice that keeps the launch 
 Job = Callable[[Callable, Callable[[], bool]], object]  # job(report, should_cancel) -> value
 
 
-def settings_changes(width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks) -> dict:
-    """The config changes of the page's Settings panel; an empty or bad field is a ConfigError."""
+def settings_changes(width, seed, lora_on, lora_steps, n_pix_step, lam, strength, lr, blocks, drag_steps=None,
+                     rounds=None, max_step=None) -> dict:
+    """The config changes of the page's Settings panel; an empty or bad field is a ConfigError. ``drag_steps`` and
+    ``rounds`` (GoodDrag: ``gooddrag.drag_end_step``, ``gooddrag.track_per_step``) and ``max_step`` (FreeDrag:
+    ``freedrag.max_step``) are the drag budgets of the methods that do not count ``drag.n_pix_step``."""
     try:
-        return {
+        changes = {
             "seed": int(seed), "quiet": True,
             "lora": {"enabled": bool(lora_on), "steps": int(lora_steps)},
             "drag": {"width": int(width), "n_pix_step": int(n_pix_step), "lam": float(lam),
                      "inversion_strength": float(strength), "lr": float(lr),
                      "feature_blocks": sorted(int(b) for b in blocks or [])},
         }
+        if drag_steps is not None or rounds is not None:
+            changes["gooddrag"] = {k: int(v) for k, v in (("drag_end_step", drag_steps), ("track_per_step", rounds))
+                                   if v is not None}
+        if max_step is not None:
+            changes["freedrag"] = {"max_step": int(max_step)}
+        return changes
     except (TypeError, ValueError):
         raise ConfigError("settings: every field needs a number (one is empty)") from None
 
 
+# the Settings fields of each method's drag budget (the other fields are every method's); a method not listed
+# (FastDrag: no optimizer) shows none of them
+BUDGET_FIELDS = {"dragdiffusion": ("n_pix_step",), "dragnoise": ("n_pix_step",),
+                 "gooddrag": ("drag_steps", "rounds"), "freedrag": ("max_step",)}
+ALL_BUDGET_FIELDS = ("n_pix_step", "drag_steps", "rounds", "max_step")
+
+
+def budget_fields(method: str) -> tuple[str, ...]:
+    """The drag budget fields of a method name (``gooddrag+text``: GoodDrag's)."""
+    return BUDGET_FIELDS.get(split_method_name(str(method))[0], ())
+
+
 def method_settings(base_path, base_overrides, method: str) -> dict:
-    """The page's Settings fields that a method preset sets, with that method's values (FastDrag: no LoRA)."""
+    """The page's Settings fields that a method preset sets, with that method's values (its drag budget fields:
+    ``budget_fields``; FastDrag turns the LoRA off)."""
     cfg = load_config(base_path, list(base_overrides) + [f"method={method}"])
     return {"lora_on": bool(cfg.lora.enabled), "lora_steps": int(cfg.lora.steps),
             "n_pix_step": int(cfg.drag.n_pix_step), "lam": float(cfg.drag.lam),
-            "strength": float(cfg.drag.inversion_strength), "lr": float(cfg.drag.lr)}
+            "strength": float(cfg.drag.inversion_strength), "lr": float(cfg.drag.lr),
+            "drag_steps": int(cfg.gooddrag.drag_end_step), "rounds": int(cfg.gooddrag.track_per_step),
+            "max_step": int(cfg.freedrag.max_step)}
 
 
 def timing_line(seconds: dict) -> str:
@@ -106,7 +130,8 @@ def edit_job(cfg: DictConfig, image: np.ndarray, points, mask, prompt: str,
              generated: GeneratedImage | None = None, editors: EditorCache = EDITORS) -> Job:
     """The device job of *Run*: drag ``image`` (or the ``generated`` image, without inversion) by ``points``
     (pixels of the image, alternating handle, target) inside ``mask`` (H x W, 1 = may change, or None).
-    Reports LoRA steps and drag iterations (with the handles in image pixels) as it goes."""
+    Reports every stage's steps as the console counts them (``ProgressReporter``: "LoRA", "inversion", "drag" or
+    "drag step 2/7 (t=721)" with the handles in image pixels, "denoise", "decode") as it goes."""
     sample = make_sample(image, points, mask, generated.prompt if generated is not None else prompt, "edit")
 
     def job(report, should_cancel):

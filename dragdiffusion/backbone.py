@@ -21,15 +21,16 @@ import torch
 import torch._dynamo
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
 from .conditioning import Conditioning
+from .console import loading_line
 from .errors import ModelLoadError
+from .inputs import SINGLE_FILE_SUFFIXES, model_source, offline_setting
 from .policy import DevicePolicy, resolve_device
 from .tiny import SCHEDULER_CONFIG, TINY_MODELS, ensure_tiny_model
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline")
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."  # the second (OpenCLIP bigG) text encoder of an SDXL base checkpoint
@@ -94,14 +95,10 @@ def make_ddim_scheduler(config: dict | None = None):
     return DDIMScheduler.from_config({**settings, "prediction_type": prediction})
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _hint(name: str) -> str:
     return (f"Could not load the model '{name}'. Looked for: a local diffusers folder (with model_index.json), "
             f"a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}), then the Hugging Face hub id"
-            f"{' (offline: HF_HUB_OFFLINE=1 or model.local_files_only=true)' if _offline() else ''}. "
+            f"{' (offline: HF_HUB_OFFLINE=1 or model.local_files_only=true)' if offline_setting() else ''}. "
             "Fix: download it once and pass model.name_or_path=/path/to/folder, or use the built-in offline "
             "test model with model=tiny (or model=tiny_v: v-prediction).")
 
@@ -145,44 +142,13 @@ def pipeline_kind(name: str, single_file_config: str | None = None, local_files_
     return _kind_of_pipeline_id(name, local_files_only)
 
 
-def _in_hub_cache(repo_id: str, file: str) -> bool:
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, file), str)
-    except Exception:  # noqa: BLE001 - not a valid repo id: not in the cache
-        return False
-
-
-def model_missing(model_cfg) -> str | None:
-    """Without loading anything: why ``model.name_or_path`` (and ``model.vae``) cannot be loaded, or None. A tiny
-    model, a diffusers folder with its model_index.json, an existing single file and a hub id in the Hugging Face
-    cache are there; a hub id that is not cached is missing when downloads are off (``HF_HUB_OFFLINE=1`` or
-    ``model.local_files_only=true``), else it is downloaded when it loads (None)."""
-    local_only = bool(model_cfg.local_files_only) or _offline()
-    for key, name, index in (("model.name_or_path", str(model_cfg.name_or_path), "model_index.json"),
-                             ("model.vae", str(model_cfg.vae or ""), "config.json")):
-        if not name or (key == "model.name_or_path" and name in TINY_MODELS):
-            continue
-        path = Path(os.path.expanduser(name))
-        if path.is_dir():
-            if index == "model_index.json" and not (path / index).is_file():
-                return f"{key}={name}: the folder has no model_index.json (expected a diffusers pipeline folder)"
-            continue
-        if path.suffix in SINGLE_FILE_SUFFIXES or path.is_absolute() or name.startswith((".", "~")):
-            if not path.is_file():
-                return f"{key}={name}: no such file or folder"
-            continue
-        if local_only and not _in_hub_cache(name, index):
-            return (f"{key}={name}: not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1 or "
-                    "model.local_files_only=true)")
-    return None
-
-
 def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
     """Return a diffusers StableDiffusionPipeline (SD 1.x / 2.x) or StableDiffusionXLPipeline (SDXL, see
     ``pipeline_kind``) from the ``model`` config section in ``dtype`` (on the CPU)."""
 
     name = str(model_cfg.name_or_path)
-    local_only = bool(model_cfg.local_files_only) or _offline()
+    # missing files and folders, a hub id with no network and no cached copy: one ModelLoadError, before loading
+    local_only = model_source(name, "model.name_or_path", bool(model_cfg.local_files_only))
     path = Path(os.path.expanduser(name))
     single_file_config = getattr(model_cfg, "single_file_config", None)
     if pipeline_kind(name, single_file_config, local_only) == "sdxl":
@@ -195,13 +161,8 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
             folder = ensure_tiny_model(model_cfg.tiny_dir, name=name)
             pipe = pipeline_class.from_pretrained(folder, **common)
         elif path.is_dir():
-            if not (path / "model_index.json").exists():
-                raise ModelLoadError(f"model.name_or_path: the folder {path} has no model_index.json; expected a "
-                                     "diffusers pipeline folder (save_pretrained output) or a single-file checkpoint")
             pipe = pipeline_class.from_pretrained(path, **common)
         elif path.suffix in SINGLE_FILE_SUFFIXES:
-            if not path.exists():
-                raise ModelLoadError(f"model.name_or_path: checkpoint file not found: {path}")
             extra = {"config": single_file_config} if single_file_config else {}
             pipe = pipeline_class.from_single_file(str(path), local_files_only=local_only, **extra, **common)
         else:
@@ -212,7 +173,7 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32):
     except ModelLoadError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelLoadError(f"{_hint(name)}\nUnderlying error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"{_hint(name)}\nUnderlying error: {exc.__class__.__name__}: {_first_line(exc)}") from None
     if model_cfg.vae:
         pipe.vae = load_vae(str(model_cfg.vae), dtype, local_only)
     if getattr(model_cfg, "unet", None):
@@ -238,10 +199,15 @@ def load_unet(name: str, dtype, local_only: bool):
             error = exc
     raise ModelLoadError(f"model.unet: could not load the UNet '{name}' (a diffusers UNet2DConditionModel folder with "
                          "config.json, a pipeline folder with unet/, or a hub id of either was expected): "
-                         f"{str(error).splitlines()[0]}") from None
+                         f"{_first_line(error)}") from None
+def _first_line(exc: BaseException) -> str:
+    """An underlying error's first line, without the hub client's pointer to a stack trace that is not shown."""
+    text = (str(exc).splitlines() or [""])[0]
+    return text.replace(" Please check out the root cause in the stacktrace above.", "")
 
 
 def load_vae(name: str, dtype, local_only: bool):
+    local_only = model_source(name, "model.vae", local_only, index_file="config.json")
     try:
         path = Path(os.path.expanduser(name))
         if path.suffix in SINGLE_FILE_SUFFIXES:
@@ -249,15 +215,16 @@ def load_vae(name: str, dtype, local_only: bool):
         return AutoencoderKL.from_pretrained(name, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.vae: could not load the VAE '{name}' (a diffusers AutoencoderKL folder, "
-                             f"hub id or single file was expected): {str(exc).splitlines()[0]}") from None
+                             f"hub id or single file was expected): {_first_line(exc)}") from None
 
 
-def load_backbone(model_cfg, policy: DevicePolicy | None = None) -> Backbone:
+def load_backbone(model_cfg, policy: DevicePolicy | None = None, quiet: bool = False) -> Backbone:
     """Load the pipeline in the policy's weight dtype, freeze it, put it on the policy's device (the one move)
     and attach the reference DDIM scheduler. Without a policy: ``model.device`` in fp32. SD 1.x / 2.x or SDXL
-    (``pipeline_kind``)."""
+    (``pipeline_kind``). Says what loads where in one line on stderr (``console.loading_line``) unless ``quiet``."""
     if policy is None:
         policy = DevicePolicy(resolve_device(str(model_cfg.device)), "32", torch.float32)
+    loading_line(str(model_cfg.name_or_path), policy.describe(), enabled=not quiet)
     pipe = load_pipeline(model_cfg, policy.weight_dtype)
     backbone = Backbone.from_pipeline(pipe, policy, source=str(model_cfg.name_or_path))
     backbone.gradient_checkpointing = bool(getattr(model_cfg, "gradient_checkpointing", False))

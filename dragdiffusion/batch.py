@@ -18,9 +18,11 @@ How it runs:
   error).
 - Resume: a sample whose dragged_image.png and trajectory.json exist is skipped if its config.yaml has this run's
   result-shaping settings (model, drag, lora, reference, seed, precision); finished samples made with other
-  settings refuse the run (naming the keys) unless ``overwrite=true`` redoes them. The rest are (re)done.
-- SIGINT / SIGTERM stop the run at its next step; a sample's files are written whole or not at all, and the
-  summary lists what finished (exit status 130 / 143).
+  settings refuse the run (naming the keys) unless ``overwrite=true`` redoes them. The rest are (re)done. A
+  skipped sample's row keeps the figures of the run that made it (its row in the earlier summary.json, else its
+  trajectory.json).
+- SIGINT / SIGTERM stop the run at its next step; a sample's files are written whole or not at all, the summary
+  lists what finished and one line says how many and that the same command resumes (exit status 130 / 143).
 - A failing sample (bad data, non-finite loss, out of memory) is recorded and the run goes on; the exit
   status is 1 when any sample failed.
 - A process that dies: every process records its rows on disk as it goes (``peers.RowLog``); the survivors
@@ -46,7 +48,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone import load_backbone
@@ -127,6 +128,16 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def earlier_rows(out_root: Path) -> dict[str, dict]:
+    """The rows of the summary.json an earlier run wrote in ``out_root`` (finished samples only: ok or skipped), by
+    sample; {} when there is none or it cannot be read."""
+    try:
+        rows = json.loads((out_root / "summary.json").read_text()).get("samples") or []
+        return {r["sample"]: r for r in rows if isinstance(r, dict) and r.get("status") in ("ok", "skipped")}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
 # ----------------------------------------------------------------------------------------------- per-sample jobs
 
 class Job:
@@ -144,6 +155,7 @@ class Job:
         self.redo: set[str] = set()
         self.rows: list[dict] = []  # this process's finished samples
         self.log: RowLog | None = None  # the same rows on disk (<out>/.rows/rank-<r>.json), set up by BatchModule
+        self.earlier: dict[str, dict] = {}  # rows of an earlier run's summary (``earlier_rows``), for skipped samples
 
     def finished(self, name: str) -> bool:
         raise NotImplementedError
@@ -161,10 +173,14 @@ class Job:
     def setup(self, device: torch.device) -> None:
         if self.backbone is None:
             self.policy = DevicePolicy.from_config(self.cfg, device)
-            self.backbone = load_backbone(self.cfg.model, self.policy)
+            self.backbone = load_backbone(self.cfg.model, self.policy, quiet=bool(self.cfg.quiet))
 
     def finished_row(self, name: str) -> dict:
-        return row(name, "skipped", seconds=0.0, rank=0)
+        """The row of a sample finished by an earlier run: ``skipped``, with that run's figures (its summary row;
+        unknown figures stay empty)."""
+        r = self.earlier.get(name, {})
+        return row(name, "skipped", r.get("iterations"), r.get("final_distance_px"), r.get("seconds"),
+                   rank=r.get("rank", 0))
 
 
 class EditJob(Job):
@@ -201,12 +217,16 @@ class EditJob(Job):
                 "final_distance_of": t.get("final_distance_of")}
 
     def finished_row(self, name: str) -> dict:
-        """The row of a sample finished by an earlier run (figures read back from its trajectory.json)."""
+        """The row of a sample finished by an earlier run: its row in the earlier summary, else figures read back
+        from its trajectory.json (seconds: the sum of its stages)."""
+        if name in self.earlier:
+            return super().finished_row(name)
         try:
             t = json.loads((self.out_root / name / "trajectory.json").read_text())
-            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")), 0.0, rank=0,
-                       distance_of=t.get("final_distance_of"))
-        except (OSError, ValueError):
+            seconds = sum(float(v) for v in (t.get("seconds") or {}).values()) or None
+            return row(name, "skipped", t.get("iterations"), mean_or_none(t.get("final_distance_px")), seconds,
+                       rank=0, distance_of=t.get("final_distance_of"))
+        except (OSError, ValueError, TypeError, AttributeError):
             return super().finished_row(name)
 
 
@@ -265,12 +285,14 @@ class BatchModule(L.LightningModule):
         rows = []
         for item in batch:
             r = run_item(self.job, item, self.global_rank)
-            print(f"[rank {self.global_rank}] {r['sample']}: {r['status']}"
+            with deferred_signals():  # recorded before a signal can stop the run
+                self.job.rows.append(r)  # what this process finished, also when the run is stopped by a signal
+                if self.job.log is not None:
+                    self.job.log.add([r])  # and on disk, for a process that dies
+            rank = f"[rank {self.global_rank}] " if self.trainer.world_size > 1 else ""
+            print(f"{rank}{r['sample']}: {r['status']}"
                   + (f" ({r['error']})" if r["error"] else "") + f" in {r['seconds']:.1f} s", flush=True)
             rows.append(r)
-        self.job.rows += rows  # what this process finished, also when the run is stopped by a signal
-        if self.job.log is not None:
-            self.job.log.add(rows)  # and on disk, for a process that dies
         die_for_test(self.global_rank, len(self.job.rows))
         return rows
 
@@ -288,14 +310,14 @@ def make_batch_trainer(trainer_cfg, quiet: bool = False) -> L.Trainer:
     """The outer Trainer: only dispatches samples to processes (accelerator/devices/nodes/strategy from the config).
 
     It runs in 32-bit (``trainer.precision`` applies inside each sample's own Trainers) and with autograd on
-    (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's); it is a
-    TQDM bar because the per-sample drag Trainers draw Rich bars inside it, and two Rich bars cannot nest."""
+    (the per-sample optimization runs inside ``predict_step``). Its progress bar counts samples (rank 0's): a
+    ``StageProgressBar`` labelled "samples" (TQDM: the per-sample Trainers draw their bars inside it, and two Rich
+    bars cannot nest)."""
     progress = bool(trainer_cfg.enable_progress_bar) and not quiet
     return watch_processes(distributed_trainer(  # a process that dies is reported by the others (peers.py)
-        trainer_cfg, precision="32", quiet=quiet, inference_mode=False,
+        trainer_cfg, precision="32", quiet=quiet, stage="samples", inference_mode=False,
         use_distributed_sampler=False,  # DragDataModule shards unpadded: each sample once
-        logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-        callbacks=[TQDMProgressBar()] if progress else []))
+        logger=False, enable_checkpointing=False, enable_progress_bar=progress))
 
 
 def gather_rows(rows: list[dict]) -> list[dict]:
@@ -333,8 +355,10 @@ def check_finished_samples(job: Job, names: list[str], overwrite: bool) -> None:
     say(f"overwrite=true: redoing {len(stale)} finished sample(s) made with other settings")
 
 
-def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float, interrupted: int | None = None):
-    """Write summary.json / summary.csv, print the counts and the failures (rank 0)."""
+def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float, interrupted: int | None = None,
+              not_run: int = 0):
+    """Write summary.json / summary.csv, print the counts and the failures (rank 0); stopped by a signal, how many
+    samples finished, how many did not run, and that the same command resumes."""
     rows.sort(key=lambda r: r["sample"])
     out = Path(cfg.out)
     info = {"data": str(cfg.data), "out": str(out), "world_size": world_size, "seconds": round(seconds, 3)}
@@ -344,9 +368,13 @@ def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float
         info["interrupted_by_signal"] = interrupted
     write_summary(out, rows, info)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
-    say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed"
-        + (f"; stopped by signal {interrupted}, the rest not run" if interrupted is not None else "")
-        + f"; summary: {out / 'summary.csv'}")
+    if interrupted is not None:
+        say(f"stopped by signal {interrupted}: {counts['ok'] + counts['skipped']} sample(s) finished ({counts['ok']} "
+            f"in this run, {counts['skipped']} before), {counts['failed']} failed, {not_run} not run; summary: "
+            f"{out / 'summary.csv'}. The same command resumes: finished samples are skipped.")
+    else:
+        say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
+            f"summary: {out / 'summary.csv'}")
     for r in rows:
         if r["status"] == "failed":
             print(f"failed: {r['sample']}: {r['error']}", file=sys.stderr)
@@ -368,6 +396,7 @@ def run_dataset(cfg: DictConfig, job: Job) -> int:
         raise UnsafePickleError(f"data={cfg.data}: refusing the dataset, {len(unsafe)} meta_data.pkl would run code "
                                 f"when unpickled ({', '.join(unsafe)}); nothing was run")
     check_finished_samples(job, [c.name for c in checks if c.ok], bool(cfg.get("overwrite", False)))
+    job.earlier = earlier_rows(job.out_root)  # the figures of samples an earlier run finished
     invalid = [row(c.name, "failed", seconds=0.0, error=c.error, rank=0) for c in checks if not c.ok]
     logger = make_logger(cfg.logger, config=cfg, quiet=cfg.quiet)  # one run per job: only rank 0 creates it
     trainer = make_batch_trainer(cfg.trainer, bool(cfg.quiet))
@@ -383,9 +412,14 @@ def run_dataset(cfg: DictConfig, job: Job) -> int:
         if trainer.is_global_zero:  # the finished samples of every process (their row files)
             logs = read_logs(job.out_root, job.log.run) if job.log is not None else {}
             logs[trainer.global_rank] = {"rows": job.rows}
-            summarize(cfg, [r for rank in sorted(logs) for r in logs[rank]["rows"]] + invalid
-                      + [job.finished_row(n) for n in datamodule.skipped],
-                      trainer.world_size, time.perf_counter() - tic, stop.signum)
+            done = [r for rank in sorted(logs) for r in logs[rank]["rows"]]
+            recorded = {r["sample"] for r in done}
+            # written whole just before the signal came, not yet recorded: finished all the same
+            done += [{**job.finished_row(n), "status": "ok"} for n, _ in datamodule.pending
+                     if n not in recorded and job.finished(n)]
+            summarize(cfg, done + invalid + [job.finished_row(n) for n in datamodule.skipped],
+                      trainer.world_size, time.perf_counter() - tic, stop.signum,
+                      not_run=max(0, len(datamodule.pending) - len(done)))
         close_logger(logger, failed=True)
         raise
     except RuntimeError as exc:  # a collective of the start failed: a process died before any sample

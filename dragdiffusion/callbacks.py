@@ -8,7 +8,7 @@ import torch
 from .drag import DragCallback, DragEditModule, DragStep
 from .errors import DragError
 from .motion import all_reached, mask_loss, track_points
-from .sample import grid_to_pixels
+from .geometry import grid_to_pixels
 
 
 class PointTracking(DragCallback):
@@ -103,6 +103,7 @@ class GoodDragTracking(DragCallback):
             self.state.stopped = "reached"
         elif self.state.no_change >= self.max_no_change:
             self.state.stopped = "no_change"
+            module.stop_reason = f"no handle moved in {self.max_no_change} tracking rounds"
         return self.state.stopped is not None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -122,11 +123,16 @@ class EditCancelled(DragError):
 
 
 class ProgressReporter(L.Callback):
-    """Reports every step of a fit to ``report(stage, step, total, handles)`` and stops a cancelled one.
+    """Reports every step of every stage of an edit to ``report(stage, step, total, handles)`` and stops a
+    cancelled edit.
 
-    ``stage`` is "drag" for the drag module (``handles``: the current handles in pixels (x, y) of an image of
-    ``image_hw``) and "lora" otherwise (``handles`` None). ``should_cancel()`` is asked before every step;
-    when true the fit stops with EditCancelled. Used by the browser app for live progress and its cancel.
+    ``stage`` is the stage's label as its console bar shows it ("LoRA", "inversion", "drag" or, for a method that
+    drags at several timesteps, "drag step 2/7 (t=721)", "denoise", "decode", "generation"); ``step`` of ``total``
+    is counted as that bar counts (a drag fit: the optimizer steps taken of its budget). ``handles``: for a drag
+    stage the current handles in pixels (x, y) of an image of ``image_hw``, else None. The LoRA and drag Trainers
+    call it as a Lightning callback, the loops outside a Trainer through ``stage_progress`` (``DragEditor`` hands
+    them its edit's callbacks that have it). ``should_cancel()`` is asked before every step; when true the edit
+    stops with EditCancelled. Used by the browser app for live progress and its cancel.
     """
 
     def __init__(self, report, image_hw: tuple[int, int] | None = None, should_cancel=None):
@@ -134,13 +140,19 @@ class ProgressReporter(L.Callback):
         self.image_hw = image_hw
         self.should_cancel = should_cancel or (lambda: False)
 
+    def stage_progress(self, stage: str, step: int, total: int, handles=None) -> None:
+        if self.should_cancel():
+            raise EditCancelled("cancelled")
+        self.report(stage, step, total, handles)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.should_cancel():
             raise EditCancelled("cancelled")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stage = str(getattr(pl_module, "stage_label", None) or "LoRA")
         if not isinstance(pl_module, DragEditModule) or self.image_hw is None:
-            self.report("lora", trainer.global_step, trainer.max_steps, None)
+            self.report(stage, trainer.global_step, trainer.max_steps, None)
             return
         xy = grid_to_pixels(pl_module.handles.detach().cpu(), self.image_hw, pl_module.grid_hw)
-        self.report("drag", len(pl_module.history["handles"]), trainer.max_steps, xy.tolist())
+        self.report(stage, len(pl_module.history["loss"]), trainer.max_steps, xy.tolist())

@@ -25,6 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "logger", "trainer")
 MODEL_GROUP = "model"  # a model preset may also set per-backbone defaults of these sections (configs/model/*.yaml)
 MODEL_PRESET_SECTIONS = ("drag", "reference", "lora", "generation")
+MODEL_PRESET_KEYS = ("width",)  # top-level keys a model preset may set (its backbone's working width)
 METHOD_GROUP = "method"  # a method preset sets keys of several sections (configs/method/*.yaml)
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 PRECISION_ALIASES = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -38,6 +39,13 @@ def normalize_precision(value) -> str:
     if text not in PRECISIONS:
         raise ConfigError(f"config key 'trainer.precision' = {value!r}: expected {PRECISION_EXPECTED}")
     return text
+
+
+def runs_on_one_device(trainer_cfg) -> bool:
+    """``trainer.devices`` = 1 (or one listed device) on one node: the policy's single-device Trainer."""
+    devices = trainer_cfg.devices
+    one = devices == 1 or (OmegaConf.is_list(devices) or isinstance(devices, (list, tuple))) and len(devices) == 1
+    return bool(one) and int(trainer_cfg.num_nodes) == 1
 
 
 def check(ok: bool, key: str, value, expected: str) -> None:
@@ -416,12 +424,32 @@ class LimitsConfig:
         check(self.max_file_bytes >= 1024, "limits.max_file_bytes", self.max_file_bytes, "at least 1024 bytes")
 
 
+def following(section, **links):
+    """A default factory: ``section``'s defaults with some keys following another key (OmegaConf interpolations,
+    e.g. ``drag.width`` = ``${width}``), set after construction so that ``__post_init__`` checks numbers only (the
+    resolved ones, in ``validate_config``). A key given explicitly breaks its link."""
+    def make():
+        obj = section()
+        for key, value in links.items():
+            setattr(obj, key, value)
+        return obj
+    return make
+
+
+def check_width(value, key: str = "width") -> None:
+    check(isinstance(value, int) and value >= 64 and value % 8 == 0, key, value, "a multiple of 8, at least 64")
+
+
 @dataclass
 class EditConfig:
     method: MethodName = MethodName.dragdiffusion  # the drag method; method=NAME also takes its preset
+    # the working width of every stage (height = int(width x h / w)): the inversion, drag and denoising
+    # (drag.width follows it) and the identity LoRA's views (lora.resolution follows drag.width); a per-stage key
+    # given explicitly differs. Model presets set their backbone's (sd21: 768, sdxl: 1024)
+    width: int = 512
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    drag: DragConfig = field(default_factory=DragConfig)
+    lora: LoraConfig = field(default_factory=following(LoraConfig, resolution="${drag.width}"))
+    drag: DragConfig = field(default_factory=following(DragConfig, width="${width}"))
     gooddrag: GoodDragConfig = field(default_factory=GoodDragConfig)
     dragnoise: DragNoiseConfig = field(default_factory=DragNoiseConfig)
     freedrag: FreeDragConfig = field(default_factory=FreeDragConfig)
@@ -452,6 +480,7 @@ class EditConfig:
     evaluate_overrides: list[str] = field(default_factory=list)  # key=value items for the evaluation's config
 
     def __post_init__(self):
+        check_width(self.width)
         check(not self.evaluate or bool(self.data), "evaluate", self.evaluate,
               "evaluate=true only with a batch run: data=DIR")
         check_method_names([str(m) for m in self.methods])
@@ -462,11 +491,13 @@ class EditConfig:
 @dataclass
 class LoraTrainConfig:
     method: MethodName = MethodName.dragdiffusion  # method=NAME takes that method's LoRA settings (lora.steps ...)
+    width: int = 512  # the working width: the LoRA's views (lora.resolution follows it); model presets set theirs
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+    lora: LoraConfig = field(default_factory=following(LoraConfig, resolution="${width}"))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     image: Optional[str] = None
+    sample: Optional[str] = None  # a sample folder (any layout): its image and prompt; the LoRA is named after it
     prompt: Optional[str] = None
     data: Optional[str] = None
     out: str = "outputs/lora"
@@ -573,13 +604,14 @@ def _select_preset(cfg: DictConfig, base: DictConfig, group: str, name: str) -> 
 
 def _model_preset_parts(file: Path, base: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     """(the ``model.*`` keys, the per-backbone defaults of other sections as dotted keys) of a model preset: a
-    top-level key that names another section of the config (``drag``, ``reference``, ``lora``, ``generation``) is a
-    per-backbone default; every other key is a ``model.*`` key."""
+    top-level key that names another section of the config (``drag``, ``reference``, ``lora``, ``generation``) or
+    ``width`` (the working width) is a per-backbone default; every other key is a ``model.*`` key."""
     raw = OmegaConf.load(file)
     others = [k for k in raw if k not in base[MODEL_GROUP] and isinstance(raw[k], DictConfig) and k in
               MODEL_PRESET_SECTIONS]
-    model = OmegaConf.create({k: raw[k] for k in raw if k not in others})
-    items = {}
+    tops = [k for k in raw if k in MODEL_PRESET_KEYS]
+    model = OmegaConf.create({k: raw[k] for k in raw if k not in others and k not in tops})
+    items = {k: raw[k] for k in tops}
     for section in others:
         for key in leaf_keys(raw[section], section + "."):
             items[key] = OmegaConf.select(raw, key)
@@ -694,8 +726,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Run every dataclass's ``__post_init__`` range checks (OmegaConf.to_object builds the objects)."""
+    """Run every dataclass's ``__post_init__`` range checks (OmegaConf.to_object builds the objects); the working
+    width first, so that a bad ``width`` is named as given (not as the ``drag.width`` that follows it)."""
     try:
+        for key in ("width", "drag.width"):  # lora.resolution follows them: the key given is named
+            if OmegaConf.select(cfg, key) is not None:
+                check_width(OmegaConf.select(cfg, key), key)
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None

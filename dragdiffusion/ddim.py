@@ -111,26 +111,34 @@ def guided_eps(unet_fn: Callable, z: torch.Tensor, t: int, cond: torch.Tensor, u
 @torch.no_grad()
 def ddim_invert(unet_fn: Callable, scheduler, z0: torch.Tensor, cond: torch.Tensor, timesteps: list[int],
                 uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                on_step: Callable[[int, int], None] | None = None,
+                after_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Invert the clean latent ``z0`` through ``timesteps`` (ascending); returns z at the last one. ``on_step(i, t)``
-    is called before the UNet call of each step (t: the timestep the UNet is evaluated at)."""
+    is called before the UNet call of each step (t: the timestep the UNet is evaluated at), ``after_step(n)`` after
+    each step (n steps done: progress)."""
     z = z0
     for i, t in enumerate(timesteps):
         if on_step is not None:
             on_step(i, t)
         eps = guided_eps(unet_fn, z, t, cond, uncond, guidance_scale)
         z = ddim_inversion_step(scheduler, eps, t, z)
+        if after_step is not None:
+            after_step(i + 1)
     return z
 
 
 @torch.no_grad()
 def ddim_denoise(unet_fn: Callable, scheduler, z: torch.Tensor, cond: torch.Tensor, timesteps: list[int],
                  uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Denoise ``z`` through ``timesteps`` (descending). ``on_step(i, t)`` is called before each step."""
+                 on_step: Callable[[int, int], None] | None = None,
+                 after_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Denoise ``z`` through ``timesteps`` (descending). ``on_step(i, t)`` is called before each step,
+    ``after_step(n)`` after it (n steps done: progress)."""
     for i, t in enumerate(timesteps):
         if on_step is not None:
             on_step(i, t)
         eps = guided_eps(unet_fn, z, t, cond, uncond, guidance_scale)
         z = ddim_step(scheduler, eps, t, z)
+        if after_step is not None:
+            after_step(i + 1)
     return z

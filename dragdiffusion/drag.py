@@ -140,12 +140,14 @@ class DragEditModule(L.LightningModule):
         bottleneck: optimize the UNet's bottleneck instead of the latent (DragNoise): this tensor, the output of
             ``unet.mid_block`` for ``z_t``, replaces the mid block's output in every forward and is the only
             parameter; ``z_t`` stays fixed (the down path and the skip connections are z_t's).
-        max_steps: the fit's optimizer-step budget (default ``drag.n_pix_step``): the dataloader holds that many
-            steps, so a Trainer with ``max_steps`` above ``drag.n_pix_step`` (FreeDrag's 300) runs to its budget.
+        max_steps: this fit's optimizer-step budget (the method's ``DragParts.max_steps``; default
+            ``drag.n_pix_step``): the length of its one epoch, so a Trainer with ``max_steps`` above
+            ``drag.n_pix_step`` (FreeDrag's 300) runs to its budget and its progress bar counts to it.
         text: DragText (``TextOptimization``): the prompt's embedding (the conditional row of ``cond``, starting
             from it at every fit) is optimized too; its gradient never reaches the drag variable's and the drag
             variable's never reaches it (``backward``). None (default): the fit is exactly the method's own.
     """
+    stage_label = "drag"  # the progress bar's label; the editor names each drag step ("drag step 2/7 (t=721)")
 
     def __init__(self, unet, scheduler, z_t: torch.Tensor, t: int, cond: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, grid_hw: tuple[int, int], drag, mask_latent: torch.Tensor | None = None,
@@ -194,6 +196,7 @@ class DragEditModule(L.LightningModule):
         self.max_steps = int(drag.n_pix_step if max_steps is None else max_steps)
         self.reached = False
         self.stop_step: int | None = None
+        self.stop_reason: str | None = None  # "reached", or what a DragCallback set when it stopped the drag
         # per iteration (tensors during the fit, numbers after it): handles (row, col) and every loss term
         self.history: dict[str, list] = {"handles": [], "motion_loss": [], "mask_loss": [], "loss": []}
         if text is not None:
@@ -241,6 +244,7 @@ class DragEditModule(L.LightningModule):
         if any(callback.reached(self, step) for callback in callbacks):
             self.reached = True
             self.stop_step = step.index
+            self.stop_reason = self.stop_reason or "reached"
             self.trainer.should_stop = True
             return None  # no update at this step
         if self.motion_loss is None:

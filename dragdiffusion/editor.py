@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .console import quiet_lightning
+from .console import StageProgress, drag_label, quiet_lightning
 from .attention import (InversionKV, StepWindow, classic_attention, controlled_layer_names, inversion_kv,
                         reference_control)
 from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone, prompt_token_mask,
                        unet_gradient_checkpointing)
 from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
-from .config import EditConfig, load_config, method_label, to_yaml
+from .config import EditConfig, load_config, method_label, to_container, to_yaml
 from .data.convert import write_folder_sample
 from .ddim import ddim_denoise, ddim_invert, ddim_step, guided_eps, inversion_timesteps
 from .drag import DragEditModule, TextOptimization, guided_eps_and_features
@@ -41,7 +41,8 @@ from .methods import (DragDiffusionMethod, DragMethod, DragParts, DragStepContex
                       UndraggedStep, make_method)
 from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
 from .policy import DevicePolicy
-from .sample import DragSample, draw_drag, grid_size, grid_to_pixels, make_sample, pixels_to_grid, working_size
+from .geometry import grid_to_pixels, pixels_to_grid
+from .sample import DragSample, draw_drag, grid_size, make_sample, working_size
 
 
 @dataclass
@@ -114,6 +115,7 @@ class DragEditor:
         if backbone is not None and backbone.device != self.policy.device:
             raise ConfigError(f"the backbone is on {backbone.device} but the policy says {self.policy.device}")
         self._backbone = backbone
+        self.listeners: list = []  # during an edit: its callbacks with ``stage_progress`` (the app's reporter)
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, **kw) -> "DragEditor":
@@ -123,8 +125,28 @@ class DragEditor:
     def backbone(self) -> Backbone:
         if self._backbone is None:
             quiet_lightning(bool(self.cfg.get("quiet", False)))
-            self._backbone = load_backbone(self.cfg.model, self.policy)
+            self._backbone = load_backbone(self.cfg.model, self.policy, quiet=bool(self.cfg.get("quiet", False)))
         return self._backbone
+
+    def progress(self, stage: str, total: int) -> StageProgress:
+        """The progress of a stage outside a Trainer: a labelled bar on stderr (``trainer.enable_progress_bar``,
+        not ``quiet``) and the edit's listeners, counted alike (console.py)."""
+        enabled = bool(self.cfg.trainer.enable_progress_bar) and not bool(self.cfg.get("quiet", False))
+        return StageProgress(stage, total, enabled, self.listeners)
+
+    @contextmanager
+    def listening(self, *callback_lists):
+        """During an edit, its callbacks that follow every stage (``stage_progress``) also hear the stages
+        outside a Trainer (inversion, denoising, decode)."""
+        listeners = []
+        for c in (c for callbacks in callback_lists for c in callbacks):
+            if hasattr(c, "stage_progress") and c not in listeners:
+                listeners.append(c)
+        self.listeners = listeners
+        try:
+            yield
+        finally:
+            self.listeners = []
 
     @property
     def device(self) -> torch.device:
@@ -157,14 +179,15 @@ class DragEditor:
             return None
         lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
         lora_cfg = cfg.lora  # model.gradient_checkpointing: the LoRA stage's too
-        if self.gradient_checkpointing() and not cfg.lora.gradient_checkpointing:
-            lora_cfg = OmegaConf.merge(cfg.lora, {"gradient_checkpointing": True})
+        if self.gradient_checkpointing() and not cfg.lora.gradient_checkpointing:  # resolved: lora.resolution follows
+            lora_cfg = OmegaConf.merge(to_container(cfg.lora), {"gradient_checkpointing": True})  # drag.width
         train_lora(self.backbone, sample.image, sample.prompt, lora_cfg, cfg.trainer, lora_dir, logger=logger or False,
                    quiet=bool(cfg.get("quiet", False)), policy=self.policy,
                    callbacks=lora_callbacks(logger) + list(callbacks))
         if lora_dir is None:
             return None
-        save_text(lora_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"lora": cfg.lora, "model": cfg.model})))
+        save_text(lora_dir / "config.yaml", to_yaml(OmegaConf.create({"lora": to_container(cfg.lora),
+                                                                       "model": to_container(cfg.model)})))
         log_lora_artifact(logger, lora_dir / WEIGHT_NAME, name="lora-" + str(sample.name))
         return str(lora_dir / WEIGHT_NAME)
 
@@ -181,8 +204,9 @@ class DragEditor:
         kv = InversionKV() if make_method(self.cfg).inversion_kv else None
         # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
         at = None if kv is None else (lambda i, t: kv.at(t))
-        with self.drag_attention(), self.recording_kv(kv):  # the reference's inversion: the attention of its drag
-            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts, on_step=at)
+        # the reference's inversion runs on the attention of its drag
+        with self.drag_attention(), self.recording_kv(kv), self.progress("inversion", len(inv_ts)) as progress:
+            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts, on_step=at, after_step=progress.step)
         return DragStart(z_t, int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps), tuple(work_hw),
                          cond, uncond, float(d.guidance_scale), kv=kv)
 
@@ -196,8 +220,10 @@ class DragEditor:
         """Sample an image from ``prompt`` (``generation.*``), keeping the latent at the drag timestep."""
         prompt = self.cfg.prompt if prompt is None else prompt
         remove_identity_lora(self.backbone.unet)  # the image is the model's own
-        return sample_image(self.backbone, self.unet_fn(), self.cfg.generation, float(self.cfg.drag.inversion_strength),
-                            "" if prompt is None else str(prompt))
+        with self.progress("generation", int(self.cfg.generation.steps)) as progress:
+            return sample_image(self.backbone, self.unet_fn(), self.cfg.generation,
+                                float(self.cfg.drag.inversion_strength), "" if prompt is None else str(prompt),
+                                after_step=progress.step)
 
     def start_from_generated(self, generated: GeneratedImage) -> DragStart:
         latent_hw = (generated.height // self.backbone.vae_scale_factor, generated.width // self.backbone.vae_scale_factor)
@@ -224,7 +250,8 @@ class DragEditor:
         method = DragDiffusionMethod(self.cfg)
         ctx = DragStepContext(0, start.t, None)
         with self.drag_attention():
-            return self.drag_step(sample, start, ctx, start.z_t, method.drag_parts(ctx), callbacks, logger)
+            return self.drag_step(sample, start, ctx, start.z_t, method.drag_parts(ctx), callbacks, logger,
+                                  label="drag")
 
     def drag_geometry(self, sample: DragSample, start: DragStart):
         """(grid size, handles, targets (row, col) on the grid, the mask at the latent size or None)."""
@@ -239,11 +266,12 @@ class DragEditor:
         return grid_hw, handles_rc, targets_rc, mask_latent
 
     def drag_step(self, sample: DragSample, start: DragStart, ctx: DragStepContext, z: torch.Tensor,
-                  parts: DragParts, callbacks=(), logger=False, previous: DragEditModule | None = None
-                  ) -> DragEditModule:
+                  parts: DragParts, callbacks=(), logger=False, previous: DragEditModule | None = None,
+                  label: str = "drag") -> DragEditModule:
         """One drag step: a Lightning fit of a ``DragEditModule`` that optimizes ``z`` at ``ctx.t`` (a fresh
-        optimizer), with the method's ``parts``; ``previous``: the module of the edit's previous drag step (its
-        handles go on from where they were)."""
+        optimizer), with the method's ``parts`` (its budget ``parts.max_steps`` is the fit's length);
+        ``previous``: the module of the edit's previous drag step (its handles go on from where they were);
+        ``label``: the stage's name on the console and to the listeners ("drag step 2/7 (t=721)")."""
         d = self.cfg.drag
         grid_hw, handles_rc, targets_rc, mask_latent = self.drag_geometry(sample, start)
         handles = handles_rc if previous is None else previous.handles
@@ -255,11 +283,12 @@ class DragEditor:
                                 motion_loss=parts.motion_loss, step_offset=offset, bottleneck=parts.bottleneck,
                                 max_steps=parts.max_steps, text=self.text_optimization(sample))
         module.image_hw = (sample.height, sample.width)  # input pixels: the early-stop line (console.stop_rule)
+        module.stage_label = label
         cbs = self.logging_callbacks(sample, callbacks, logger) + list(parts.callbacks)
         if parts.max_steps > 0:
             tc = self.cfg.trainer
             trainer = self.policy.trainer(parts.max_steps, cbs, logger or False, bool(self.cfg.quiet),
-                                          bool(tc.enable_progress_bar), int(tc.log_every_n_steps), stage="drag")
+                                          bool(tc.enable_progress_bar), int(tc.log_every_n_steps), stage=label)
             with warnings.catch_warnings(), \
                     unet_gradient_checkpointing(self.backbone.unet, self.gradient_checkpointing()):
                 warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available but not used|"
@@ -309,6 +338,7 @@ class DragEditor:
         """The method's drag steps along the denoising loop: (the original and the edited latent at the first step
         without dragging, that step's index, the drag modules in order)."""
         method = make_method(self.cfg)
+        planned = sum(method.wants_drag(j) for j in range(len(start.timesteps)))  # drag steps, none stopped early
         z_orig, z_edit = start.z_t, start.z_t
         modules: list[DragEditModule] = []
         i = 0
@@ -323,7 +353,7 @@ class DragEditor:
                     module = self.transform_step(sample, start, ctx, z_edit, parts)
                 else:
                     module = self.drag_step(sample, start, ctx, z_edit, parts, callbacks, logger,
-                                            previous=modules[-1] if modules else None)
+                                            previous=modules[-1] if modules else None, label=drag_label(i, planned, t))
                 modules.append(module)
                 method.after_drag(module)
                 z_edit = module.edited_latent()
@@ -412,10 +442,11 @@ class DragEditor:
             unet_fn = lambda z, t, c: torch.cat([plain(zz, t, cc) for zz, cc in zip(z.chunk(2), cond_chunk(c, 2))])
         replaying = nullcontext() if kv is None else inversion_kv(self.backbone.unet, list(self.cfg.fastdrag.kv_layers),
                                                                    kv, recording=False)
-        with reference_control(self.backbone.unet, prefixes, window), gate.installed(self.backbone.unet), replaying:
+        with reference_control(self.backbone.unet, prefixes, window), gate.installed(self.backbone.unet), replaying, \
+                self.progress("denoise", len(timesteps)) as progress:
             self.backbone.scheduler.set_timesteps(start.steps)
             return ddim_denoise(unet_fn, self.backbone.scheduler, z, cond, timesteps, start.uncond,
-                                start.guidance_scale, on_step)
+                                start.guidance_scale, on_step, after_step=progress.step)
 
     # ---------------------------------------------------------------- the whole edit
     def run(self, sample: DragSample, start: DragStart, callbacks=(), logger=False) -> EditResult:
@@ -429,7 +460,9 @@ class DragEditor:
             tic = time.perf_counter()
             with UNetPasses(self.backbone.unet) as denoise_passes:
                 z = self.denoise(start, z_edit, z_orig, from_step, method, modules)
-            image = to_uint8(decode_latent(self.backbone, z[-1:]), (sample.height, sample.width))
+            with self.progress("decode", 1) as progress:
+                image = to_uint8(decode_latent(self.backbone, z[-1:]), (sample.height, sample.width))
+                progress.step()
             seconds["denoise"] = time.perf_counter() - tic
         finally:
             if start.kv is not None:  # the inversion's keys and values belong to this edit only
@@ -451,17 +484,18 @@ class DragEditor:
         sample.validate()
         check_backbone_layers(self.cfg, self.backbone.unet)
         L.seed_everything(int(self.cfg.seed), verbose=False)
-        tic = time.perf_counter()
-        with UNetPasses(self.backbone.unet) as lora_passes:
-            lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
-        lora_seconds = time.perf_counter() - tic
-        tic = time.perf_counter()
-        with UNetPasses(self.backbone.unet) as inversion_passes:
-            start = self.invert(sample)
-        start.lora_file = lora_file
-        start.seconds = {"lora": lora_seconds, "inversion": time.perf_counter() - tic}
-        start.unet_passes = {"lora": lora_passes.count, "inversion": inversion_passes.count}
-        return self.run(sample, start, callbacks, logger)
+        with self.listening(callbacks, lora_callbacks):
+            tic = time.perf_counter()
+            with UNetPasses(self.backbone.unet) as lora_passes:
+                lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
+            lora_seconds = time.perf_counter() - tic
+            tic = time.perf_counter()
+            with UNetPasses(self.backbone.unet) as inversion_passes:
+                start = self.invert(sample)
+            start.lora_file = lora_file
+            start.seconds = {"lora": lora_seconds, "inversion": time.perf_counter() - tic}
+            start.unet_passes = {"lora": lora_passes.count, "inversion": inversion_passes.count}
+            return self.run(sample, start, callbacks, logger)
 
     def edit_generated(self, generated: GeneratedImage, points, mask=None, callbacks=(), logger=False) -> EditResult:
         """Drag a ``GeneratedImage`` without inversion (points: [[x, y], ...] alternating handle, target, in pixels
@@ -473,7 +507,8 @@ class DragEditor:
         start = self.start_from_generated(generated)
         start.seconds = {"lora": 0.0, "inversion": 0.0}
         start.unet_passes = {"lora": 0, "inversion": 0}
-        result = self.run(sample, start, callbacks, logger)
+        with self.listening(callbacks):
+            result = self.run(sample, start, callbacks, logger)
         result.trajectory["generated"] = {"prompt": generated.prompt, "negative_prompt": generated.negative_prompt,
                                           "seed": generated.seed, "guidance_scale": float(generated.guidance_scale)}
         return result
@@ -516,21 +551,22 @@ class DragRun:
     stop_step: int | None
     drag_timesteps: list[int]  # the timestep of each drag step
     control_from_step: int  # the first denoising step with reference control
+    stop_reason: str | None = None  # "reached", or what stopped it (GoodDrag: no handle moved in N rounds)
 
     @classmethod
     def of(cls, modules: list[DragEditModule], start: DragStart, from_step: int) -> "DragRun":
         first = modules[0]
         history: dict[str, list] = {}
-        stop_step = None
+        stop_step, stop_reason = None, None
         for m in modules:
             n = len(m.history["handles"])
             for key, values in m.history.items():
                 history.setdefault(key, []).extend(values)
             history.setdefault("timestep", []).extend([m.t] * n)
             if m.stop_step is not None:
-                stop_step = m.step_offset + m.stop_step
+                stop_step, stop_reason = m.step_offset + m.stop_step, m.stop_reason
         return cls(history, modules[-1].handles, first.grid_hw, any(m.reached for m in modules), stop_step,
-                   [m.t for m in modules], int(from_step))
+                   [m.t for m in modules], int(from_step), stop_reason)
 
 
 def edit_trajectory(module: DragEditModule | DragRun, sample: DragSample, start: DragStart, seconds: dict) -> dict:
@@ -554,6 +590,7 @@ def edit_trajectory(module: DragEditModule | DragRun, sample: DragSample, start:
         "iterations": len(module.history["loss"]),
         "stopped_early": bool(module.reached),
         "stop_step": module.stop_step,
+        "stop_reason": module.stop_reason,
         "final_distance_px": final_distance(module, sample),
         "lora": start.lora_file,
         "seconds": seconds,

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .backbone import load_backbone, model_missing
+from .backbone import load_backbone
 from .batch import gather_rows, say
 from .comparison import (STATUSES, UNKNOWN_DATASET, aggregate, category_rows, category_tables, comparison_tables,
                          dai_key, dataset_title, group_table, to_csv, to_latex, to_markdown, wandb_rows)
@@ -41,6 +41,7 @@ from .config import (CONFIG_DIR, TEXT_SUFFIX, EvaluateConfig, load_config, metho
 from .data.datamodule import ShardSampler, as_list
 from .data.readers import LAYOUTS_HELP, find_samples, read_sample, sample_layout
 from .errors import ConfigError, DragError, ModelLoadError
+from .inputs import model_missing
 from .io import save_json, save_text
 from .loggers import close_logger, log_table, make_logger
 from .images import as_image_tensor, resize_uint8

@@ -20,11 +20,8 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, decode_latent, encode_condition
-from .data import read_sample
 from .ddim import ddim_denoise, inversion_timesteps
-from .errors import SampleError
 from .images import to_uint8
-from .sample import DragSample, ReadLimits, make_sample
 
 
 @dataclass
@@ -55,11 +52,12 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_strength: float,
-                 prompt: str) -> GeneratedImage:
+                 prompt: str, after_step: Callable[[], None] | None = None) -> GeneratedImage:
     """Sample an image from ``prompt`` with the ``generation`` settings (DDIM, eta 0, guidance
     ``generation.guidance_scale``) from pure noise; the latent at the first timestep of the last
     ``round(steps * inversion_strength)`` steps (``ddim.inverted_step_count``) is kept as ``z_t``.
-    ``unet_fn(z, t, cond)`` predicts the noise."""
+    ``unet_fn(z, t, cond)`` predicts the noise; ``after_step()`` is called after each of the ``generation.steps``
+    steps (progress)."""
     g = generation
     sched = backbone.scheduler
     _, denoise_ts = inversion_timesteps(sched, int(g.steps), float(inversion_strength))
@@ -72,29 +70,9 @@ def sample_image(backbone: Backbone, unet_fn: Callable, generation, inversion_st
     channels = int(backbone.unet.config.in_channels)
     z = initial_noise(g.seed, (1, channels, int(g.height) // f, int(g.width) // f)).to(backbone.device)
     z = z * float(sched.init_noise_sigma)
-    z_t = ddim_denoise(unet_fn, sched, z, cond, before, uncond, float(g.guidance_scale))
-    z_0 = ddim_denoise(unet_fn, sched, z_t, cond, denoise_ts, uncond, float(g.guidance_scale))
+    step = (lambda n: after_step()) if after_step is not None else None
+    z_t = ddim_denoise(unet_fn, sched, z, cond, before, uncond, float(g.guidance_scale), after_step=step)
+    z_0 = ddim_denoise(unet_fn, sched, z_t, cond, denoise_ts, uncond, float(g.guidance_scale), after_step=step)
     return GeneratedImage(to_uint8(decode_latent(backbone, z_0)), z_t.detach().float().cpu(), int(denoise_ts[0]),
                           list(denoise_ts), int(g.steps), prompt, str(g.negative_prompt), int(g.seed),
                           float(g.guidance_scale))
-
-
-def generation_inputs(cfg) -> DragSample:
-    """The drag of a ``generate=true`` run, validated before any model loads: points and mask from
-    ``sample=DIR`` (a replay folder: its image.png must have the generated size) or ``points=`` / ``mask=``,
-    the prompt from ``prompt=`` or the folder. The image is a blank placeholder of the generated size."""
-    g = cfg.generation
-    limits = ReadLimits.from_config(cfg)
-    blank = np.zeros((int(g.height), int(g.width), 3), np.uint8)
-    if cfg.sample:
-        folder = read_sample(cfg.sample, limits=limits)
-        if (folder.width, folder.height) != (int(g.width), int(g.height)):
-            raise SampleError("image", f"{cfg.sample}: the image is {folder.width}x{folder.height} px but "
-                                       f"generation.width x height is {g.width}x{g.height}; expected the same size",
-                              folder.name)
-        prompt = folder.prompt if cfg.prompt is None else str(cfg.prompt)
-        return make_sample(blank, folder.points, folder.mask, prompt, folder.name)
-    if cfg.points is None:
-        raise SampleError("points", "generate=true needs points='[[x, y], ...]' (alternating handle, target, in "
-                                    "pixels of the generated image) or sample=DIR")
-    return make_sample(blank, cfg.points, cfg.mask, "" if cfg.prompt is None else str(cfg.prompt), "generated", limits)

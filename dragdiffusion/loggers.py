@@ -35,7 +35,8 @@ from .config import to_container
 from .errors import ConfigError
 from .images import resize_uint8, thumbnail, to_uint8
 from .io import save_png, save_text
-from .sample import DragSample, draw_drag, grid_to_pixels
+from .geometry import grid_to_pixels
+from .sample import DragSample, draw_drag
 
 TRAJECTORY_COLUMNS = ["step", "handle", "x", "y", "target_x", "target_y", "distance_px", "motion_loss",
                       "mask_loss", "loss"]

@@ -38,7 +38,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from .backbone import Backbone, encode_condition, load_backbone
 from .conditioning import cond_expand, unet_cond_kwargs
-from .config import normalize_precision, to_yaml
+from .config import normalize_precision, runs_on_one_device, to_yaml
 from .errors import ConfigError, DragError, ModelLoadError
 from .data.datamodule import StepIndices
 from .images import to_model_input
@@ -555,13 +555,6 @@ class SaveLoraEvery(L.Callback):
 
 # ----------------------------------------------------------------------------------------------- running it
 
-def runs_on_one_device(trainer_cfg) -> bool:
-    """``trainer.devices`` = 1 (or one listed device) on one node: the policy's single-device Trainer."""
-    devices = trainer_cfg.devices
-    one = devices == 1 or (OmegaConf.is_list(devices) or isinstance(devices, (list, tuple))) and len(devices) == 1
-    return bool(one) and int(trainer_cfg.num_nodes) == 1
-
-
 def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, trainer_cfg, out_dir: str | Path | None,
                logger=False, ckpt_path: str | None = None, quiet: bool = False, policy: DevicePolicy | None = None,
                callbacks=()) -> LoraIdentityModule:
@@ -588,7 +581,7 @@ def train_lora(backbone: Backbone, image: np.ndarray, prompt: str, lora_cfg, tra
         trainer = policy.trainer(steps, callbacks, logger, quiet, bool(trainer_cfg.enable_progress_bar),
                                  int(trainer_cfg.log_every_n_steps), enable_checkpointing=checkpointing, stage="LoRA")
     else:
-        trainer = distributed_trainer(trainer_cfg, quiet=quiet, max_steps=steps, max_epochs=1,
+        trainer = distributed_trainer(trainer_cfg, quiet=quiet, stage="LoRA", max_steps=steps, max_epochs=1,
                                       callbacks=callbacks, logger=logger, enable_checkpointing=checkpointing)
     if steps > 0:
         with warnings.catch_warnings():
@@ -615,10 +608,10 @@ def train_lora_for_sample(cfg: DictConfig, sample, out_dir: str | Path, backbone
     else:
         policy = DevicePolicy.from_config(cfg)  # checks the precision and dtype before the model loads
         if runs_on_one_device(cfg.trainer):
-            backbone = load_backbone(cfg.model, policy)
+            backbone = load_backbone(cfg.model, policy, quiet=bool(cfg.quiet))
         else:
             backbone = load_backbone(cfg.model, DevicePolicy(torch.device("cpu"), policy.precision,
-                                                             policy.weight_dtype))
+                                                             policy.weight_dtype), quiet=bool(cfg.quiet))
             policy = None
     run_name = "lora-" + str(sample.name).replace("/", "__")
     logger = make_logger(cfg.logger, config=cfg, quiet=bool(cfg.quiet), run_name=run_name)

@@ -6,7 +6,9 @@
 - Lightning: "`isinstance(treespec, LeafSpec)` is deprecated" (a FutureWarning from Lightning's own code on
   newer torch, once per Trainer), its "Tip: ... litlogger" advertisement (once per Trainer with a logger) and
   "`Trainer.fit` stopped: `max_steps=N` reached" (every LoRA stage: its bar ends at N/N; a drag that stops early
-  ends its one epoch, "`max_epochs=1` reached", which console.py says better) and "TPU available: ..." lines.
+  ends its one epoch, "`max_epochs=1` reached", which console.py says better), its "GPU available: ..., used: ..."
+  / "TPU available: ..." lines and "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]" (once per Trainer, 2-4 per edit;
+  the device, precision and weights are said once, when the model loads: ``console.loading_line``).
 
 Installed when the package is imported (before diffusers or transformers are), with the standard library only.
 Real warnings (about the user's input, settings, devices) are untouched; ``console.quiet_lightning`` quiets
@@ -23,8 +25,9 @@ DROPPED = (
     ("lightning.pytorch.utilities.rank_zero", re.compile(r"Tip: For seamless cloud logging .*litlogger")),
     # every LoRA stage ends at its max_steps: the bar shows it (the drag's early stop is said by console.py)
     ("lightning.pytorch.utilities.rank_zero", re.compile(r"`Trainer.fit` stopped: `max_(steps|epochs)=\d+` reached")),
-    # accelerators this project never uses (the GPU line stays: it says which device runs)
-    ("lightning.pytorch.utilities.rank_zero", re.compile(r"^(TPU|HPU|IPU) available: ")),
+    # once per Trainer: the run's device is said once, when the model loads (console.loading_line)
+    ("lightning.pytorch.utilities.rank_zero", re.compile(r"^(GPU|TPU|HPU|IPU) available: ")),
+    ("lightning.pytorch.accelerators.cuda", re.compile(r"^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES")),
     ("lightning.fabric.utilities.rank_zero", re.compile(r"Tip: For seamless cloud logging .*litlogger")),
 )
 LEAFSPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"

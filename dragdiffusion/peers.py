@@ -77,6 +77,11 @@ class RowLog:
                         path.unlink(missing_ok=True)
                 except (OSError, ValueError, AttributeError):
                     path.unlink(missing_ok=True)
+            try:  # half-written files of a process killed while it rewrote its rows (every process is done now)
+                for path in self.path.parent.glob(".rank-*.tmp"):
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
         try:
             self.path.parent.rmdir()  # the last process out removes the folder
         except OSError:

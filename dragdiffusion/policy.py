@@ -166,16 +166,20 @@ class DevicePolicy:
             log_every_n_steps=int(log_every_n_steps), enable_progress_bar=progress_bar)
 
 
-def distributed_trainer(trainer_cfg, precision: str | None = None, quiet: bool = False, **kwargs) -> L.Trainer:
+def distributed_trainer(trainer_cfg, precision: str | None = None, quiet: bool = False, stage: str = "samples",
+                        **kwargs) -> L.Trainer:
     """A Trainer that spreads work over ``trainer.devices`` x ``trainer.num_nodes`` processes with the configured
-    strategy (DDP, SLURM, torchrun); ``precision`` defaults to ``trainer.precision``. A ConfigError for
-    settings Lightning refuses."""
+    strategy (DDP, SLURM, torchrun); ``precision`` defaults to ``trainer.precision``; its progress bar (rank 0's)
+    is a ``StageProgressBar`` labelled ``stage`` (a fit: the module's own label). A ConfigError for settings
+    Lightning refuses."""
     quiet_lightning(quiet)
     devices = trainer_cfg.devices
     if OmegaConf.is_list(devices):
         devices = list(devices)
     precision = normalize_precision(trainer_cfg.precision if precision is None else precision)
     kwargs.setdefault("enable_progress_bar", bool(trainer_cfg.enable_progress_bar) and not quiet)
+    if kwargs["enable_progress_bar"]:
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [StageProgressBar(stage)]
     # the process-group timeout (trainer.timeout_s; Lightning's default is 30 min): how long a collective waits
     timeout = timedelta(seconds=float(getattr(trainer_cfg, "timeout_s", 300.0)))
     strategy = str(trainer_cfg.strategy)

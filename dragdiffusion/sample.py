@@ -1,7 +1,9 @@
 """DragSample (image, handles, targets, mask, prompt), its validation, and pixel <-> grid geometry.
 
 Coordinates: pixels (x, y) of the sample's own image at every interface; (row, col) on the supervision
-grid only inside the math (motion.py). Validation runs before any model is loaded.
+grid only inside the math (motion.py; ``geometry.py`` converts as tensors). Validation runs before any model is
+loaded, and this module needs no torch: ``edit.py`` and ``train.py`` check their inputs before the heavy imports
+(``inputs.py``).
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import SampleError
+
+
+ALL_ZERO_MASK = "the mask is all zero: no region constraint (the whole image may change; the mask term is off)"
 
 
 @dataclass
@@ -47,6 +51,11 @@ class DragSample:
     @property
     def has_mask(self) -> bool:
         return self.mask is not None and bool(np.any(self.mask))
+
+    @property
+    def all_zero_mask(self) -> bool:
+        """A mask was given but marks nothing: taken as no region constraint (``ALL_ZERO_MASK`` says so)."""
+        return self.mask is not None and not self.has_mask
 
     def validate(self) -> "DragSample":
         validate_sample(self)
@@ -171,6 +180,14 @@ POINTS_FORM = ("a list of [x, y] pixel pairs, alternating handle and target, for
                "points='[[120, 80], [160, 80]]' (one handle at x=120, y=80 dragged to x=160, y=80)")
 
 
+def points_count(n: int) -> str:
+    """How points are counted, on the command line and in the app: "2 points = 1 handle/target pair", "3 points =
+    1 handle/target pair + 1 handle without its target"."""
+    pairs, odd = divmod(int(n), 2)
+    text = f"{n} point{'s' if n != 1 else ''} = {pairs} handle/target pair{'s' if pairs != 1 else ''}"
+    return text + (" + 1 handle without its target" if odd else "")
+
+
 def split_points(points: Sequence, sample: str | None = None) -> tuple[list, list]:
     """[[x, y], ...] alternating handle, target -> (handles, targets)."""
     try:
@@ -182,8 +199,8 @@ def split_points(points: Sequence, sample: str | None = None) -> tuple[list, lis
     if len(pts) == 0:
         raise SampleError("points", f"no points given; expected {POINTS_FORM}", sample)
     if len(pts) % 2:
-        raise SampleError("points", f"odd number of points ({len(pts)}); expected handle/target pairs "
-                                    "(handle, target, handle, target, ...)", sample)
+        raise SampleError("points", f"odd number of points ({points_count(len(pts))}); expected handle/target "
+                                    "pairs (handle, target, handle, target, ...)", sample)
     return pts[0::2], pts[1::2]
 
 
@@ -271,22 +288,6 @@ def working_size(width: int, height: int, working_width: int) -> tuple[int, int]
 def grid_size(work_w: int, work_h: int, factor: float) -> tuple[int, int]:
     """(sup_h, sup_w) of the supervision grid: int(factor * size)."""
     return int(factor * work_h), int(factor * work_w)
-
-
-def pixels_to_grid(points_xy, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixels (x, y) of an H x W image -> grid (row, col) = round(y/H*gh), round(x/W*gw), as float tensor."""
-    pts = torch.as_tensor(points_xy, dtype=torch.float32).reshape(-1, 2)
-    (h, w), (gh, gw) = image_hw, grid_hw
-    rows = torch.round(pts[:, 1] / h * gh)
-    cols = torch.round(pts[:, 0] / w * gw)
-    return torch.stack([rows, cols], dim=1)
-
-
-def grid_to_pixels(points_rc, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Grid (row, col) -> pixels (x, y) of an H x W image: the inverse scale of ``pixels_to_grid``."""
-    pts = torch.as_tensor(points_rc, dtype=torch.float32).reshape(-1, 2)
-    (h, w), (gh, gw) = image_hw, grid_hw
-    return torch.stack([pts[:, 1] * w / gw, pts[:, 0] * h / gh], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------- drawing

@@ -169,8 +169,9 @@ def make_image(path: Path, size=(160, 120)) -> Path:
 
 # ----------------------------------------------------------------------------------------------- tests
 
-def test_progress_reports_lora_and_drag_steps_and_cancels(tiny_editor):
-    """The app's live progress and cancel: a ProgressReporter on the LoRA and drag Trainers of editor.edit."""
+def test_progress_reports_every_stage_and_cancels(tiny_editor):
+    """The app's live progress and cancel: a ProgressReporter on the LoRA and drag Trainers of editor.edit and on
+    its stages outside a Trainer, labelled and counted as the console's bars."""
     from conftest import editor_with
     from dragdiffusion.callbacks import EditCancelled, ProgressReporter
     from dragdiffusion.demo import demo_sample
@@ -180,15 +181,20 @@ def test_progress_reports_lora_and_drag_steps_and_cancels(tiny_editor):
     editor = editor_with(tiny_editor, ["drag.num_inference_steps=5", "drag.n_pix_step=3", "drag.point_tracking=false",
                                        "lora.enabled=true", "lora.steps=2", "lora.resolution=64", "lora.batch_size=1"])
     result = editor.edit(sample, callbacks=[progress], lora_callbacks=[progress])
-    assert [r[:3] for r in reports] == [("lora", 1, 2), ("lora", 2, 2), ("drag", 1, 3), ("drag", 2, 3), ("drag", 3, 3)]
-    assert reports[0][3] is None
-    np.testing.assert_allclose(reports[-1][3], result.trajectory["handles"][-1])  # handles in input pixels
+    # 5 steps at strength 0.7: round(3.5) = 4 inverted, 4 denoised
+    assert [r[:3] for r in reports] == [("LoRA", 1, 2), ("LoRA", 2, 2), *[("inversion", k, 4) for k in range(1, 5)],
+                                        ("drag", 1, 3), ("drag", 2, 3), ("drag", 3, 3),
+                                        *[("denoise", k, 4) for k in range(1, 5)], ("decode", 1, 1)]
+    assert all(r[3] is None for r in reports if r[0] != "drag")
+    np.testing.assert_allclose(reports[7][3], result.trajectory["handles"][-1])  # handles in input pixels
 
-    stop = ProgressReporter(lambda *r: None, (sample.height, sample.width), should_cancel=lambda: len(reports) >= 7)
+    reports.clear()
+    stop = ProgressReporter(lambda *r: None, (sample.height, sample.width),
+                            should_cancel=lambda: sum(r[0] == "drag" for r in reports) >= 2)
     counting = ProgressReporter(lambda *r: reports.append(r), (sample.height, sample.width))
     with pytest.raises(EditCancelled):
         editor_with(editor, ["lora.enabled=false", "drag.n_pix_step=10"]).edit(sample, callbacks=[counting, stop])
-    assert len(reports) == 7  # stopped before the third drag step
+    assert [r[:2] for r in reports if r[0] != "inversion"] == [("drag", 1), ("drag", 2)]  # before the third
 
 
 
@@ -245,7 +251,7 @@ def test_generated_image_drag_in_the_page(page, tmp_path):
     page.locator("#prompt textarea").fill("a red ball on a table")
     page.locator("#generate").click()
     generated = wait_status(page, "generated")
-    assert "128x96" in generated and "t = 401" in generated  # 5 steps, strength 0.7: the latent at t = 401
+    assert "128x96" in generated and "t = 601" in generated  # 5 steps, strength 0.7: round(3.5) = 4, t = 601
     w, h = view_size(page)
     add_pair(page, (w * 0.4, h * 0.5), (w * 0.6, h * 0.5))
     done = run(page)
@@ -268,17 +274,41 @@ def test_app_jobs_take_the_method_preset():
     changes = settings_changes(128, 42, False, 70, 80, 0.1, 0.75, 0.02, [2])
     cfg = page_config(None, ["model=tiny"], None, changes, "gooddrag")
     assert str(cfg.method) == "gooddrag" and cfg.drag.r_p == 12 and cfg.gooddrag.drag_end_step == 7
+    assert (values["drag_steps"], values["rounds"], method_settings(None, [], "freedrag")["max_step"]) == (7, 10, 300)
+    changes = settings_changes(128, 42, False, 70, 80, 0.1, 0.75, 0.02, [2], drag_steps=3, rounds=2)
+    cfg = page_config(None, ["model=tiny"], None, changes, "gooddrag")
+    assert (cfg.gooddrag.drag_end_step, cfg.gooddrag.track_per_step, cfg.lora.resolution) == (3, 2, 128)
+
+
+def test_the_launch_line_names_the_config_keys():
+    pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
+    from dragdiffusion.app import serving_line
+    assert "app.share=true" in serving_line("http://127.0.0.1:7860", None)  # not gradio's share=True hint
+    assert "app.host=0.0.0.0: other machines too" in serving_line("http://0.0.0.0:7860", None, "0.0.0.0")
+    assert "https://x.gradio.live" in serving_line("http://127.0.0.1:7860", "https://x.gradio.live")
 
 
 @pytest.mark.browser
 def test_gooddrag_runs_in_the_page(page, tmp_path):
-    page.get_by_text("Settings").first.click()
+    """The page as a new user reads it: numbered steps rendered as a list, the method selector at the top of the
+    settings (it fills the fields below it, and only the fields the method uses are shown), points counted as on
+    the command line."""
+    assert page.locator("#steps ol > li").count() == 3  # the numbered steps render as steps
+    page.locator("#settings").get_by_text("Settings").first.click()
+    page.locator("#method input").wait_for(state="visible")
+    first_field = page.locator("#settings input").first  # the method selector comes first
+    assert first_field.evaluate("e => e.closest('#method') !== null")
+    assert page.locator("#n_pix_step").is_visible() and not page.locator("#drag_steps").is_visible()
     page.locator("#method input").click()
     page.get_by_role("option", name="gooddrag", exact=True).click()
     page.wait_for_function("document.querySelector('#method input').value === 'gooddrag'")
+    page.locator("#drag_steps").wait_for(state="visible")  # GoodDrag's budget: drag steps x tracking rounds
+    assert page.locator("#rounds").is_visible() and not page.locator("#n_pix_step").is_visible()
+    assert page.locator("#drag_steps input").input_value() == "7"  # filled from the preset
     upload(page, make_image(tmp_path / "in.png"))
     w, h = view_size(page)
     add_pair(page, (w * 0.35, h * 0.5), (w * 0.55, h * 0.5))
+    assert status(page).endswith("2 points = 1 handle/target pair")
     done = run(page)
     assert done.startswith("done (gooddrag) in "), done
     zipfile.ZipFile(io.BytesIO(download(page, "replay_file"))).extractall(tmp_path / "replay")
@@ -288,7 +318,8 @@ def test_gooddrag_runs_in_the_page(page, tmp_path):
 
 @pytest.mark.browser
 def test_fastdrag_runs_in_the_page_and_says_its_time(page, tmp_path):
-    page.get_by_text("Settings").first.click()
+    page.locator("#settings").get_by_text("Settings").first.click()
+    page.locator("#method input").wait_for(state="visible")
     page.locator("#method input").click()
     page.get_by_role("option", name="fastdrag", exact=True).click()
     page.wait_for_function("document.querySelector('#method input').value === 'fastdrag'")

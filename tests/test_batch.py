@@ -98,6 +98,7 @@ def test_killed_run_resumes_with_every_sample_done_once(killed_and_resumed):
     assert all(status[s] == "ok" for s in status if s not in r["at_kill"])
     assert (r["first"].stat().st_mtime_ns, r["first"].read_bytes()) == r["first_state"]
     assert all(x["iterations"] == 3 and x["final_distance_px"] > 0 for x in rows)  # skipped rows read back too
+    assert all(x["seconds"] > 0 for x in rows)  # killed: no summary; a skipped row's seconds from its trajectory
     assert_no_corrupt_file(out)
     csv_lines = (out / "summary.csv").read_text().splitlines()
     assert csv_lines[0].startswith("sample,status,iterations,final_distance_px,final_distance_of,seconds,error")

@@ -287,10 +287,10 @@ def test_evaluate_true_names_what_the_evaluation_lacks_before_any_edit(tmp_path,
 
 
 def test_model_missing_says_what_is_not_on_disk_without_loading(tmp_path):
-    from dragdiffusion.backbone import model_missing
+    from dragdiffusion.inputs import model_missing
     from dragdiffusion.config import ModelConfig
     assert model_missing(ModelConfig(name_or_path="tiny")) is None
-    assert "no such file" in model_missing(ModelConfig(name_or_path=str(tmp_path / "sd.safetensors")))
+    assert "checkpoint file not found" in model_missing(ModelConfig(name_or_path=str(tmp_path / "sd.safetensors")))
     assert "no model_index.json" in model_missing(ModelConfig(name_or_path=str(tmp_path)))
     hub = model_missing(ModelConfig(name_or_path="no-such-org/no-such-model", local_files_only=True))
     assert "not in the Hugging Face cache" in hub

@@ -91,7 +91,8 @@ def test_bad_drag100_samples_get_per_field_errors(tmp_path):
     assert "['pts']" in checks["no_points_key"].error
     assert "points.json: expected" in checks["not_a_dict"].error and "list" in checks["not_a_dict"].error
     assert "points.json: expected" in checks["points_not_a_list"].error
-    assert "points: odd number of points (3)" in checks["odd"].error
+    assert "points: odd number of points (3 points = 1 handle/target pair + 1 handle without its target)" \
+        in checks["odd"].error
     assert "points: target 0 at (x=70.0, y=4.0) is outside the image" in checks["outside"].error
     assert "mask: mask is 10x10 px but the image is 64x48" in checks["mask_size"].error
     assert "points.json: not valid JSON" in checks["garbled"].error

@@ -213,3 +213,13 @@ def test_fastdrag_on_a_generated_image_takes_the_samplers_keys_and_values(tiny_e
     b = editor.edit_generated(generated, [[20, 24], [40, 24]])
     assert (a.image == b.image).all() and a.trajectory["t"] == 601 and a.image.shape == (64, 96, 3)
     assert not (a.image == generated.image).all()
+
+
+def test_a_missing_unet_is_named_before_anything_loads(tmp_path, tiny_model_dir):
+    from dragdiffusion.config import ModelConfig
+    from dragdiffusion.inputs import model_missing
+    assert model_missing(ModelConfig(name_or_path="tiny", unet=str(tiny_model_dir))) is None  # a pipeline folder
+    assert model_missing(ModelConfig(name_or_path="tiny", unet=str(tiny_model_dir / "unet"))) is None  # a UNet's
+    assert "model.unet" in model_missing(ModelConfig(name_or_path="tiny", unet=str(tmp_path / "nope")))
+    offline = model_missing(ModelConfig(name_or_path="tiny", unet="no-such-org/lcm-unet", local_files_only=True))
+    assert "model.unet" in offline and "not in the Hugging Face cache" in offline

@@ -1,7 +1,8 @@
 """Pixel <-> grid conversion and working sizes, with known answers."""
 import torch
 
-from dragdiffusion.sample import grid_size, grid_to_pixels, pixels_to_grid, working_size
+from dragdiffusion.geometry import grid_to_pixels, pixels_to_grid
+from dragdiffusion.sample import grid_size, working_size
 
 
 def test_working_size_keeps_aspect_and_truncates_height():

@@ -199,9 +199,13 @@ def test_resume_refuses_changed_settings_and_overwrite_redoes(tmp_path, capsys, 
     assert rows["a"]["status"] == rows["b"]["status"] == "ok" and rows["bomb"]["status"] == "failed"
     assert rows["bomb"]["rank"] == 0 and rows["bomb"]["seconds"] == 0.0
     before = (out / "a" / "dragged_image.png").read_bytes()
-    assert edit_cli.main(base) == 1  # same settings: skipped
+    first = rows
+    assert edit_cli.main(base) == 1  # same settings: skipped, with the figures of the run that made it
     rows = summary(out)
-    assert rows["a"]["status"] == "skipped" and rows["a"]["rank"] == 0 and rows["a"]["seconds"] == 0.0
+    assert rows["a"]["status"] == "skipped" and rows["a"]["rank"] == 0
+    assert rows["a"]["seconds"] == first["a"]["seconds"] > 0
+    assert (rows["a"]["iterations"], rows["a"]["final_distance_px"]) == (first["a"]["iterations"],
+                                                                         first["a"]["final_distance_px"])
     capsys.readouterr()
     assert edit_cli.main(base + ["drag.n_pix_step=3"]) == 2  # other settings: refused, naming the key
     err = capsys.readouterr().err
@@ -224,6 +228,32 @@ def test_a_missing_per_sample_lora_is_a_failed_row_in_a_batch(tmp_path, capsys, 
 
 
 # ----------------------------------------------------------------------------------------------- signals
+
+def test_ctrl_c_in_a_batch_says_what_finished_and_the_same_command_resumes(tmp_path, tiny_model_dir):
+    data, out = tmp_path / "data", tmp_path / "out"
+    for i, name in enumerate(("a", "b", "c")):
+        write_folder_sample(demo_sample(64, 48, seed=i), data / name)
+    cmd = [sys.executable, str(REPO / "edit.py"), *TINY, "quiet=false", "drag.n_pix_step=30",
+           "drag.point_tracking=false", f"data={data}", f"out={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    seen = ""
+    deadline = time.monotonic() + 300
+    while "a: ok in" not in seen and time.monotonic() < deadline:  # the first sample is written, b is running
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, seen + rest
+    assert "stopped by signal 2: 1 sample(s) finished (1 in this run, 0 before), 0 failed, 2 not run" in rest
+    assert "The same command resumes" in rest
+    first = summary(out)["a"]
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr[-2000:]
+    rows = summary(out)
+    assert [rows[n]["status"] for n in "abc"] == ["skipped", "ok", "ok"]
+    assert rows["a"]["seconds"] == first["seconds"] > 0  # the first run's figures, not "skipped, 0.0 s"
+    assert rows["a"]["iterations"] == first["iterations"] == 30
+
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_edit_promptly_and_leaves_no_partial_files(tmp_path, tiny_model_dir, sig, status):

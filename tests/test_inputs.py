@@ -98,3 +98,57 @@ def test_missing_model_error_says_what_was_looked_for():
     cfg = load_config("configs/edit.yaml", ["model.name_or_path=/tmp/definitely-missing.safetensors"])
     with pytest.raises(ModelLoadError, match="not found"):
         load_backbone(cfg.model)
+
+
+def test_one_key_sets_the_working_width_of_every_stage(capsys):
+    """``width`` sets the working width of the inversion / drag / denoising (``drag.width``) and of the identity
+    LoRA's views (``lora.resolution``, which also follows ``drag.width``); a per-stage key given explicitly differs;
+    the published 512 and the model presets' widths stay."""
+    from dragdiffusion.config import LoraTrainConfig, to_yaml
+
+    def widths(*overrides, path="configs/edit.yaml"):
+        cfg = load_config(path, list(overrides))
+        return cfg.width, cfg.drag.width, cfg.lora.resolution
+
+    assert widths() == (512, 512, 512)  # published
+    assert widths("width=128") == (128, 128, 128)
+    assert widths("drag.width=128") == (512, 128, 128)  # the LoRA is no longer trained at 512 for a 128 edit
+    assert widths("width=128", "lora.resolution=256") == (128, 128, 256)  # per-stage keys still differ
+    assert widths("model=sdxl") == (1024, 1024, 1024) and widths("model=sd21") == (768, 768, 768)
+    assert widths("model=sdxl", "drag.width=768") == (1024, 768, 768)
+    assert widths(path="configs/demo.yaml") == (128, 128, 128)
+    assert "resolution: 128" in to_yaml(load_config("configs/edit.yaml", ["width=128"]))  # saved resolved
+    train = load_config("configs/lora.yaml", ["width=256"], schema=LoraTrainConfig)
+    assert train.lora.resolution == 256 and load_config(None, ["model=sdxl"], schema=LoraTrainConfig).lora.resolution == 1024
+    with pytest.raises(ConfigError, match="'width' = 100"):
+        load_config(None, ["width=100"])
+    with pytest.raises(ConfigError, match="'drag.width' = 100"):
+        load_config(None, ["drag.width=100"])
+    with pytest.raises(SystemExit):
+        edit_cli.parse_args(["--help"])
+    main_keys = capsys.readouterr().out.split("Main keys")[1]
+    assert main_keys.splitlines()[1].strip().startswith("width=512 the working width of every stage")
+
+
+def test_train_takes_a_sample_folder_and_names_the_lora_after_it(tmp_path):
+    """train.py's image: ``sample=DIR`` (its image and prompt) or ``image=PATH``; a Drag100 image (every one is
+    original.jpg) is named after its sample folder, a lone file after itself."""
+    from dragdiffusion.config import LoraTrainConfig
+    from dragdiffusion.data.convert import write_drag100_sample
+    from dragdiffusion.demo import demo_sample
+    from dragdiffusion.inputs import lora_input
+    sample = demo_sample(64, 48)
+    sample.prompt = "a drawing"
+    write_drag100_sample(sample, tmp_path / "art_0")
+    Image.fromarray(rgb()).save(tmp_path / "cat.png")
+
+    def train_input(*overrides):
+        return lora_input(load_config("configs/lora.yaml", list(overrides), schema=LoraTrainConfig))
+
+    by_folder = train_input(f"sample={tmp_path / 'art_0'}")
+    assert (by_folder.name, by_folder.prompt, by_folder.image.shape) == ("art_0", "a drawing", (48, 64, 3))
+    assert train_input(f"sample={tmp_path / 'art_0'}", "prompt=other").prompt == "other"
+    assert train_input(f"image={tmp_path / 'art_0' / 'original.jpg'}").name == "art_0"
+    assert train_input(f"image={tmp_path / 'cat.png'}").name == "cat"
+    with pytest.raises(SampleError, match="either sample=DIR or image=PATH"):
+        train_input(f"image={tmp_path / 'cat.png'}", f"sample={tmp_path / 'art_0'}")

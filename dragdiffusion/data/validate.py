@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DragError, SampleError, UnsafePickleError
-from ..sample import DEFAULT_LIMITS, ReadLimits
+from ..sample import ALL_ZERO_MASK, DEFAULT_LIMITS, ReadLimits
 from .readers import LAYOUTS_HELP, find_samples, read_sample, sample_name
 
 
@@ -26,6 +26,7 @@ class SampleCheck:
     error: str | None = None  # why the sample cannot be edited; None = good
     unsafe: bool = False  # its meta_data.pkl would have run code
     pairs: int = 0  # handle/target pairs (of a valid sample)
+    all_zero_mask: bool = False  # its mask marks nothing: no region constraint
 
     @property
     def ok(self) -> bool:
@@ -40,7 +41,7 @@ def check_sample(folder: Path, root: Path, limits: ReadLimits = DEFAULT_LIMITS) 
         return SampleCheck(name, folder, str(exc), unsafe=True)
     except DragError as exc:
         return SampleCheck(name, folder, str(exc))
-    return SampleCheck(name, folder, pairs=len(sample.handles))
+    return SampleCheck(name, folder, pairs=len(sample.handles), all_zero_mask=sample.all_zero_mask)
 
 
 def check_dataset(root: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> list[SampleCheck]:
@@ -58,6 +59,10 @@ def format_report(checks: list[SampleCheck]) -> str:
     pairs = sum(c.pairs for c in checks)
     lines = [f"{len(checks)} samples, {pairs} pairs, {len(checks) - len(bad)} valid, {len(bad)} invalid"]
     lines += [f"  {'UNSAFE' if c.unsafe else 'invalid'}: {c.name}: {c.error}" for c in bad]
+    zero = [c.name for c in checks if c.all_zero_mask]
+    if zero:
+        shown = ", ".join(zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        lines.append(f"  note: {len(zero)} sample(s) ({shown}): {ALL_ZERO_MASK}")
     return "\n".join(lines)
 
 
