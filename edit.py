@@ -123,8 +123,11 @@ def edit_one(cfg, sample) -> int:
     t = result.trajectory
     why = stop_description(t.get("stop_reason"), early_stop_rule(cfg, sample))
     stop = f"stopped early at iteration {t['stop_step']}: {why}" if t["stopped_early"] else "no early stop"
-    print(f"{sample.name}: {t['iterations']} drag iterations ({stop}), final distance (px): "
-          f"{[round(d, 1) for d in t['final_distance_px']]}; wrote {out}/dragged_image.png")
+    drag = "one latent warp (fastdrag)" if "fastdrag" in t else f"{t['iterations']} drag iterations ({stop})"
+    of = t.get("final_distance_of", "tracked handles")
+    distance = "final distance (px)" if of == "tracked handles" else f"final distance (px, {of})"
+    print(f"{sample.name}: {drag}, {distance}: {[round(d, 1) for d in t['final_distance_px']]}; "
+          f"wrote {out}/dragged_image.png")
     return 0
 
 

@@ -21,7 +21,8 @@ What a method says (no ``if method ==`` elsewhere):
   the DragText switch ``text.optimize`` applies);
 - ``denoise_bottleneck`` / ``denoise_bottleneck_steps``: a bottleneck propagated through the denoising (DragNoise);
 - ``settings()`` / ``trajectory_extra()``: what summaries and trajectory.json record; ``final_distance_of``: what its
-  final handle distance measures (tracked handles; FreeDrag: its planned template positions).
+  final handle distance measures (tracked handles; FreeDrag's planned template positions, FastDrag's planned warp
+  destinations).
 
 DragDiffusion: drag at step 0 only (up to ``drag.n_pix_step`` iterations, F0 from its first forward), control
 from step 0: exactly the single-timestep pipeline. GoodDrag: drag at steps 0 .. ``gooddrag.drag_end_step - 1``
@@ -257,7 +258,7 @@ class FreeDragMethod(DragMethod):
     at most ``freedrag.max_step`` Adam steps; denoising as DragDiffusion's."""
     name = MethodName.freedrag.value
     control_from_drag_step = True
-    final_distance_of = "planned template positions (FreeDrag does not track)"
+    final_distance_of = "planned template positions, not tracked"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -295,7 +296,7 @@ class FastDragMethod(DragMethod):
     reference_control = False
     inversion_kv = True
     optimizes = False
-    final_distance_of = "planned warp destinations (FastDrag does not track)"
+    final_distance_of = "planned warp destinations, not tracked"
 
     def wants_drag(self, i: int) -> bool:
         return i == 0
