@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from .app_jobs import (CONFIG_MODEL, RUNNER, edit_job, generate_job, method_names, method_settings, model_settings,
-                       page_config, save_outputs, settings_changes)
+                       page_config, reuse_note, save_outputs, settings_changes)
 from .callbacks import EditCancelled
 from .config import CONFIG_DIR, cli_parser, load_config, to_container, to_yaml
 from .errors import DragError
@@ -342,6 +342,8 @@ class AppEvents:
                     where = ", ".join(f"({x:.0f}, {y:.0f})" for x, y in handles)
                     yield (f"drag iteration {step}/{total}: handles at {where}",
                            self.redraw(sess, pts, handles, mask_shown), gr.update(), gr.update(), gr.update())
+                elif stage == "lora_reused":
+                    yield (f"reusing the identity LoRA of this image ({handles['seconds']:.2f} s)",) + keep
                 else:
                     yield (f"LoRA step {step}/{total}",) + keep
             png, archive = save_outputs(result, cfg)
@@ -356,7 +358,7 @@ class AppEvents:
         steps = f" at {len(t['drag_timesteps'])} timesteps" if len(t.get("drag_timesteps", [])) > 1 else ""
         done = (f"done ({cfg.method}): {t['iterations']} drag iterations{steps} ({stop}), final distance (px): "
                 f"{dist}; result "
-                f"{result.image.shape[1]}x{result.image.shape[0]}{no_mask}")
+                f"{result.image.shape[1]}x{result.image.shape[0]}{no_mask}{reuse_note(t)}")
         last = [list(p) for p in t["handles"][-1]] if t["handles"] else None
         yield done, self.redraw(sess, pts, last, mask_shown), result.image, str(png), str(archive)
 

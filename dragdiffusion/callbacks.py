@@ -125,8 +125,10 @@ class ProgressReporter(L.Callback):
     """Reports every step of a fit to ``report(stage, step, total, handles)`` and stops a cancelled one.
 
     ``stage`` is "drag" for the drag module (``handles``: the current handles in pixels (x, y) of an image of
-    ``image_hw``) and "lora" otherwise (``handles`` None). ``should_cancel()`` is asked before every step;
-    when true the fit stops with EditCancelled. Used by the browser app for live progress and its cancel.
+    ``image_hw``) and "lora" otherwise (``handles`` None); "lora_reused" (step 0 of 0) when the editor reused the
+    identity LoRA instead of training it (``handles``: {"file": ..., "seconds": ...}). ``should_cancel()`` is
+    asked before every step; when true the fit stops with EditCancelled. Used by the browser app for live
+    progress and its cancel.
     """
 
     def __init__(self, report, image_hw: tuple[int, int] | None = None, should_cancel=None):
@@ -137,6 +139,10 @@ class ProgressReporter(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.should_cancel():
             raise EditCancelled("cancelled")
+
+    def on_lora_reused(self, file: str, seconds: float):
+        """``DragEditor.prepare_lora`` reused the identity LoRA (no LoRA Trainer runs)."""
+        self.report("lora_reused", 0, 0, {"file": file, "seconds": float(seconds)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not isinstance(pl_module, DragEditModule) or self.image_hw is None:
