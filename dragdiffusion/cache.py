@@ -169,7 +169,7 @@ def save_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 class Entry:
     kind: str
     folder: Path
-    bytes: int
+    size: int
     last_used: float  # key.json's modification time (refreshed by every hit), else the folder's
     key: dict | None
 
@@ -240,7 +240,7 @@ class DiskCache:
             entries = sorted(self.entries(), key=lambda e: e.last_used)
         except OSError:
             return []  # another process removed an entry while we looked: its own eviction runs
-        total = sum(e.bytes for e in entries)
+        total = sum(e.size for e in entries)
         removed = []
         for entry in entries:
             if total <= self.max_bytes:
@@ -248,7 +248,7 @@ class DiskCache:
             if keep is not None and entry.folder == keep:
                 continue
             shutil.rmtree(entry.folder, ignore_errors=True)
-            total -= entry.bytes
+            total -= entry.size
             removed.append(entry)
         return removed
 
@@ -257,7 +257,7 @@ class DiskCache:
         entries = self.entries(kinds)
         for entry in entries:
             shutil.rmtree(entry.folder, ignore_errors=True)
-        return len(entries), sum(e.bytes for e in entries)
+        return len(entries), sum(e.size for e in entries)
 
 
 # ----------------------------------------------------------------------------------------------- inversions
@@ -341,11 +341,12 @@ def describe(entry: Entry) -> str:
         what = "incomplete (no key.json)"
     elif entry.kind == "lora":
         lora = key.get("lora", {})
-        what = f"prompt {key.get('prompt')!r}, {lora.get('steps')} steps lr {lora.get('lr')} at {lora.get('resolution')} px"
+        what = (f"prompt {key.get('prompt')!r}, {lora.get('steps')} steps lr {lora.get('lr')} at "
+                f"{lora.get('resolution')} px")
     else:
         what = f"prompt {key.get('prompt')!r}, working size {key.get('working_size')}, " \
                f"{len(key.get('inversion_timesteps', []))} steps"
-    return f"{entry.kind:9} {entry.folder.name}  {entry.bytes / 2 ** 20:8.2f} MiB  {used}  {what}"
+    return f"{entry.kind:9} {entry.folder.name}  {entry.size / 2 ** 20:8.2f} MiB  {used}  {what}"
 
 
 def main(argv=None) -> int:
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
         for entry in sorted(entries, key=lambda e: e.last_used):
             print(describe(entry))
     print(f"{cache.root}: " + ", ".join(
-        f"{sum(e.kind == k for e in entries)} {k} entries ({sum(e.bytes for e in entries if e.kind == k) / 2 ** 20:.1f}"
+        f"{sum(e.kind == k for e in entries)} {k} entries ({sum(e.size for e in entries if e.kind == k) / 2 ** 20:.1f}"
         " MiB)" for k in kinds))
     return 0
 

@@ -313,3 +313,4 @@ def test_a_methods_batch_counts_loras_trained_and_reused(tmp_path, tiny_model_di
     assert "lora" in (out / "freedrag" / "summary.csv").read_text().splitlines()[0].split(",")
     t = json.loads((out / "freedrag" / "s0" / "trajectory.json").read_text())
     assert t["lora"].startswith("reused ") and Path(t["lora"][len("reused "):]).is_file()
+    assert t["sources"] == {"lora": "reused", "inversion": "reused"}  # the same LoRA and schedule: one process
