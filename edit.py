@@ -28,6 +28,9 @@ Main keys (defaults are the published ones):
   model.name_or_path=HUB_ID|DIR|FILE model.vae=...  limits.max_image_pixels=50000000 limits.max_file_bytes=...
   logger=wandb logger.mode=offline|online|disabled logger.project=NAME logger.run_name=NAME logger.tags=[a,b]
   logger.save_dir=logs logger.image_every=10 logger.image_source=input|estimate (README: Experiment tracking)
+  cache.lora=true cache.inversion=true cache.inversion_disk=false cache.dir=DIR cache.max_bytes=4294967296: the
+  identity LoRA and the inversion are reused when nothing they depend on changed (README: Caching;
+  python -m dragdiffusion.cache list|info|clear)
 Writes to out=DIR (default outputs): dragged_image.png, drag_input.png, drag_paths.png, trajectory.json,
 config.yaml (and lora/ when the LoRA is trained). A folder holding other files is refused unless overwrite=true.
 data=DIR methods=[dragdiffusion,gooddrag,gooddrag+text,fastdrag,...]: the batch once per method into

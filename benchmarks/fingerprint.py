@@ -10,6 +10,10 @@ identity LoRA (image, edited latent, handle path, losses), a generated-image edi
 then one short edit per other method (gooddrag, dragnoise, freedrag; no LoRA). ``--compare`` checks the keys of the
 older file only, so a file from before a method existed still compares.
 ``--mask-free`` drops the demo's mask (for comparing across a change of the mask's resizing).
+``--cache``: the LoRA and inversion cache ``miss`` (the default: on, in a new empty folder, so a warm user cache
+never fools the comparison), ``off`` (cache.lora=false cache.inversion=false) or ``hit`` (the same edits run
+twice in one process on one cache folder; the second run's outputs, every LoRA and inversion reused, are printed).
+All three must print the same fingerprints.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def edit_record(result) -> dict:
             "loss": digest(t["loss"]), "iterations": t["iterations"], "first_loss": t["loss"][:1]}
 
 
-def fingerprints(mask_free: bool = False) -> dict:
+def fingerprints(mask_free: bool = False, cache: list[str] = (), sources: list | None = None) -> dict:
+    """The fingerprints; ``sources`` (a list) gets each real-image edit's trajectory ``sources`` (cache use)."""
     from dragdiffusion.config import LoraTrainConfig, load_config
     from dragdiffusion.demo import demo_sample
     from dragdiffusion.editor import DragEditor
@@ -56,11 +61,14 @@ def fingerprints(mask_free: bool = False) -> dict:
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
+    sources = [] if sources is None else sources
     sample = demo_sample(160, 120)
     if mask_free:
         sample.mask = None
-    editor = DragEditor.from_config(None, SETTINGS + ["lora.enabled=true"])
-    out = {"edit_with_lora": edit_record(editor.edit(sample))}
+    editor = DragEditor.from_config(None, SETTINGS + list(cache) + ["lora.enabled=true"])
+    result = editor.edit(sample)
+    sources.append(result.trajectory["sources"])
+    out = {"edit_with_lora": edit_record(result)}
     generated = editor.generate("a red ball")
     out["generated_image"] = digest(generated.image)
     result = editor.edit_generated(generated, [[40, 50], [70, 50]], None if mask_free else np.ones((96, 128)))
@@ -72,9 +80,10 @@ def fingerprints(mask_free: bool = False) -> dict:
         out["lora"] = {k: digest(weights[k]) for k in sorted(weights)[:4]}
         out["lora_all"] = digest([digest(weights[k]) for k in sorted(weights)])
     for method, keys in METHOD_SETTINGS.items():  # the other methods (no LoRA: their own code paths only)
-        other = DragEditor(load_config(None, SETTINGS + [f"method={method}", "lora.enabled=false", *keys]),
-                           backbone=editor.backbone)
-        out[f"edit_{method}"] = edit_record(other.edit(sample))
+        cfg = load_config(None, SETTINGS + list(cache) + [f"method={method}", "lora.enabled=false", *keys])
+        result = DragEditor(cfg, backbone=editor.backbone).edit(sample)
+        sources.append(result.trajectory["sources"])
+        out[f"edit_{method}"] = edit_record(result)
     return out
 
 
@@ -82,8 +91,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare", help="a JSON file written by an earlier run: exit 1 if anything differs")
     p.add_argument("--mask-free", action="store_true", help="edit the demo sample without its mask")
+    p.add_argument("--cache", choices=["miss", "off", "hit"], default="miss",
+                   help="the edit cache: on and empty (miss), off, or warm (hit: every edit run twice)")
     args = p.parse_args(argv)
-    now = fingerprints(args.mask_free)
+    with tempfile.TemporaryDirectory(prefix="fingerprint-cache-") as folder:
+        cache = ["cache.lora=false", "cache.inversion=false"] if args.cache == "off" else [f"cache.dir={folder}"]
+        sources: list = []
+        now = fingerprints(args.mask_free, cache, sources)
+        if args.cache == "hit":
+            sources.clear()
+            now = fingerprints(args.mask_free, cache, sources)
+    print(f"cache {args.cache}: " + "; ".join(f"lora {s['lora']}, inversion {s['inversion']}" for s in sources),
+          file=sys.stderr)
+    expected = {"hit": "reused", "off": "computed"}.get(args.cache)  # miss: FreeDrag reuses DragNoise's inversion
+    if expected and any(s["inversion"] != expected for s in sources):
+        print(f"the cache did not behave as --cache {args.cache} asks", file=sys.stderr)
+        return 1
     print(json.dumps(now, indent=1))
     if args.compare:
         before = json.loads(Path(args.compare).read_text())

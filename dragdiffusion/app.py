@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from .app_jobs import (ALL_BUDGET_FIELDS, CONFIG_MODEL, RUNNER, budget_fields, edit_job, generate_job, method_names,
-                       method_settings, model_settings, page_config, save_outputs, settings_changes, timing_line)
+                       method_settings, model_settings, page_config, reuse_note, save_outputs, settings_changes,
+                       timing_line)
 from .callbacks import EditCancelled
 from .config import CONFIG_DIR, cli_parser, load_config, method_label, to_container, to_yaml
 from .errors import DragError
@@ -374,6 +375,8 @@ class AppEvents:
                     where = ", ".join(f"({x:.0f}, {y:.0f})" for x, y in handles)
                     yield (f"{stage}: iteration {step}/{total}: handles at {where}",
                            self.redraw(sess, pts, handles, mask_shown), gr.update(), gr.update(), gr.update())
+                elif stage == "lora_reused":
+                    yield (f"reusing the identity LoRA of this image ({handles['seconds']:.2f} s)",) + keep
                 else:
                     yield (f"{stage}: {step}/{total}",) + keep
             png, archive = save_outputs(result, cfg)
@@ -389,7 +392,7 @@ class AppEvents:
         steps = f" at {len(t['drag_timesteps'])} timesteps" if len(t.get("drag_timesteps", [])) > 1 else ""
         drag = "one latent warp" if "fastdrag" in t else f"{t['iterations']} drag iterations{steps} ({stop})"
         done = (f"done ({label}) {timing_line(result.seconds)}: {drag}, final distance (px): {dist}; result "
-                f"{result.image.shape[1]}x{result.image.shape[0]}{no_mask}")
+                f"{result.image.shape[1]}x{result.image.shape[0]}{no_mask}{reuse_note(t)}")
         last = [list(p) for p in t["handles"][-1]] if t["handles"] else None
         yield done, self.redraw(sess, pts, last, mask_shown), result.image, str(png), str(archive)
 

@@ -143,6 +143,18 @@ def edit_job(cfg: DictConfig, image: np.ndarray, points, mask, prompt: str,
     return job
 
 
+def reuse_note(trajectory: dict) -> str:
+    """What an edit reused instead of computing, for the page's status line ("" when nothing):
+    "; reused the identity LoRA of this image (0.04 s) and its inversion"."""
+    sources, seconds = trajectory.get("sources", {}), trajectory.get("seconds", {})
+    parts = []
+    if sources.get("lora") == "reused":
+        parts.append(f"the identity LoRA of this image ({seconds.get('lora', 0.0):.2f} s)")
+    if sources.get("inversion") == "reused":
+        parts.append("its inversion" if parts else "the inversion of this image")
+    return "; reused " + " and ".join(parts) if parts else ""
+
+
 def generate_job(cfg: DictConfig, editors: EditorCache = EDITORS) -> Job:
     """The device job of *Generate*: sample ``cfg.prompt`` with ``cfg.generation``."""
     return lambda report, should_cancel: editors.editor_for(cfg).generate(cfg.prompt)

@@ -15,15 +15,17 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch._dynamo
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import safe_open
 
+from .cache import path_identity
 from .conditioning import Conditioning
 from .console import loading_line
 from .errors import ModelLoadError
@@ -231,6 +233,52 @@ def load_backbone(model_cfg, policy: DevicePolicy | None = None, quiet: bool = F
     apply_speedups(backbone.unet, bool(getattr(model_cfg, "channels_last", False)),
                    bool(getattr(model_cfg, "compile", False)))
     return backbone
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit of ``repo_id``'s snapshot in the local Hugging Face cache (what ``from_pretrained`` loads
+    offline); None when there is none."""
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache, not a repo id
+        return None
+    return Path(folder).name
+
+
+@lru_cache(maxsize=32)
+def _source_identity(name: str) -> dict | None:
+    """A model source's identity (``model_identity``)."""
+    if name in TINY_MODELS:
+        return {"tiny": TINY_MODELS[name][0]}  # built from a fixed seed: its name and version identify it
+    local = Path(os.path.expanduser(name))
+    if local.exists():
+        return path_identity(local)
+    revision = hub_revision(name)
+    return {"hub": name, "revision": revision} if revision else None
+
+
+def model_identity(model_cfg) -> dict | None:
+    """What identifies the base model of ``model_cfg`` in the keys of the edit caches (``dragdiffusion.cache``):
+    a tiny model by its name and version; a hub id by its revision (the commit of its snapshot in the Hugging Face
+    cache); a local folder or single file by its files (``cache.path_identity``: the content of the small ones,
+    configs and tokenizer files up to 1 MiB, and the size and modification time of the large ones, so no weight
+    file is read; a copy without the times, ``cp`` without ``-p``, or a touched weight file is a new identity: the
+    cache then misses, never wrongly hits); the same for a separate VAE and ``single_file_config``; and the options
+    that change the UNet's numbers (``compile``, ``channels_last``). None when it cannot be told (a hub id that is
+    not in the local cache): nothing is then cached for it. Computed once per process and source."""
+    parts = {"name_or_path": _source_identity(str(model_cfg.name_or_path))}
+    for key in ("vae", "single_file_config"):
+        value = model_cfg.get(key)
+        parts[key] = None if value is None else _source_identity(str(value))
+        if value is not None and parts[key] is None:
+            return None
+    if parts["name_or_path"] is None:
+        return None
+    # options that change the UNet's numbers
+    parts["compile"] = bool(model_cfg.get("compile", False))
+    parts["channels_last"] = bool(model_cfg.get("channels_last", False))
+    return parts
+
 
 
 def apply_speedups(unet, channels_last: bool = False, compile_blocks: bool = False) -> None:

@@ -67,9 +67,11 @@ from .sample import ReadLimits
 from .signals import deferred_signals
 
 # final_distance_of: what final_distance_px measures for the sample's method (the method's final_distance_of:
-# "tracked handles"; FreeDrag's planned template positions are not comparable with them)
+# "tracked handles"; FreeDrag's and FastDrag's planned positions are not comparable with them); lora: how the
+# sample got its identity LoRA
 SUMMARY_FIELDS = ("sample", "status", "iterations", "final_distance_px", "final_distance_of", "seconds", "error",
-                  "rank")
+                  "rank", "lora")
+LORA_SOURCES = ("trained", "reused", "loaded")  # how a sample got its identity LoRA (summary counts; "off": none)
 
 
 class NonFiniteResultError(DragError):
@@ -100,12 +102,12 @@ def check_finite(trajectory: dict, z_edited: torch.Tensor | None) -> None:
         raise NonFiniteResultError("the edited latent holds NaN/inf values")
 
 
-def find_lora(name: str, out_root: Path, lora_dir: str | None) -> Path | None:
-    """A LoRA already on disk for sample ``name``: in ``lora_dir`` (train.py data=... layout) or a previous run's."""
-    candidates = []
-    if lora_dir:
-        candidates += [Path(lora_dir) / name / LORA_WEIGHTS, Path(lora_dir) / name / "lora" / LORA_WEIGHTS]
-    candidates.append(out_root / name / "lora" / LORA_WEIGHTS)
+def find_lora(name: str, lora_dir: str | None) -> Path | None:
+    """The LoRA of sample ``name`` in ``lora_dir`` (train.py data=... layout), used as given. (A previous run's
+    ``<out>/<sample>/lora/`` and the cache are found by key in ``DragEditor.prepare_lora``.)"""
+    if not lora_dir:
+        return None
+    candidates = [Path(lora_dir) / name / LORA_WEIGHTS, Path(lora_dir) / name / "lora" / LORA_WEIGHTS]
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -115,12 +117,13 @@ def mean_or_none(values) -> float | None:
 
 
 def row(name: str, status: str, iterations=None, distance=None, seconds=None, error=None, rank=None,
-        distance_of=None) -> dict:
+        distance_of=None, lora=None) -> dict:
     """One line of the summary; ``final_distance_px`` is the mean over the sample's handles (``distance_of``: what
-    those handles are, the method's ``final_distance_of``), ``rank`` the process."""
+    those handles are, the method's ``final_distance_of``), ``rank`` the process, ``lora`` how the sample got its
+    identity LoRA (trained, reused, loaded, off)."""
     return {"sample": name, "status": status, "iterations": iterations, "final_distance_px": distance,
             "final_distance_of": distance_of, "seconds": None if seconds is None else round(float(seconds), 3),
-            "error": error, "rank": rank}
+            "error": error, "rank": rank, "lora": lora}
 
 
 @rank_zero_only
@@ -195,8 +198,9 @@ class EditJob(Job):
         return edit_finished(self.out_root / name)
 
     def sample_config(self, name: str) -> DictConfig:
-        """The run's config; in pipeline mode (lora.enabled) with a LoRA already on disk, that LoRA is loaded."""
-        lora = find_lora(name, self.out_root, self.cfg.get("lora_dir")) if self.cfg.lora.enabled and \
+        """The run's config; in pipeline mode (lora.enabled) with the sample's LoRA in ``lora_dir``, that LoRA is
+        loaded."""
+        lora = find_lora(name, self.cfg.get("lora_dir")) if self.cfg.lora.enabled and \
             not self.cfg.lora.path and name not in self.redo else None
         return OmegaConf.merge(self.cfg, {"lora": {"path": str(lora)}}) if lora else self.cfg
 
@@ -214,7 +218,7 @@ class EditJob(Job):
             self.media[name] = edit_media(result)
         t = result.trajectory
         return {"iterations": t["iterations"], "final_distance_px": mean_or_none(t["final_distance_px"]),
-                "final_distance_of": t.get("final_distance_of")}
+                "final_distance_of": t.get("final_distance_of"), "lora": editor.lora_stage.source}
 
     def finished_row(self, name: str) -> dict:
         """The row of a sample finished by an earlier run: its row in the earlier summary, else figures read back
@@ -260,7 +264,7 @@ def run_item(job, item: dict, rank: int = 0) -> dict:
         error = first_line if isinstance(exc, DragError) else f"{exc.__class__.__name__}: {first_line}"
         return row(name, "failed", seconds=time.perf_counter() - tic, error=error, rank=rank)
     return row(name, "ok", figures.get("iterations"), figures.get("final_distance_px"), time.perf_counter() - tic,
-               rank=rank, distance_of=figures.get("final_distance_of"))
+               rank=rank, distance_of=figures.get("final_distance_of"), lora=figures.get("lora"))
 
 
 class BatchModule(L.LightningModule):
@@ -330,9 +334,14 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return [r for part in parts for r in part]
 
 
+def lora_counts(rows: list[dict]) -> dict[str, int]:
+    """How many samples of this run trained, reused (cache, earlier run) or loaded (lora.path, lora_dir) a LoRA."""
+    return {s: sum(r.get("lora") == s for r in rows) for s in LORA_SOURCES}
+
+
 def write_summary(out_root: Path, rows: list[dict], info: dict) -> None:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
-    save_json(out_root / "summary.json", {**info, "counts": counts, "samples": rows})
+    save_json(out_root / "summary.json", {**info, "counts": counts, "lora": lora_counts(rows), "samples": rows})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -368,13 +377,16 @@ def summarize(cfg: DictConfig, rows: list[dict], world_size: int, seconds: float
         info["interrupted_by_signal"] = interrupted
     write_summary(out, rows, info)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    loras = lora_counts(rows)
+    lora_line = f"; identity LoRAs: {', '.join(f'{n} {s}' for s, n in loras.items() if n)}" if any(loras.values()) \
+        else ""
     if interrupted is not None:
         say(f"stopped by signal {interrupted}: {counts['ok'] + counts['skipped']} sample(s) finished ({counts['ok']} "
-            f"in this run, {counts['skipped']} before), {counts['failed']} failed, {not_run} not run; summary: "
-            f"{out / 'summary.csv'}. The same command resumes: finished samples are skipped.")
+            f"in this run, {counts['skipped']} before), {counts['failed']} failed, {not_run} not run{lora_line}; "
+            f"summary: {out / 'summary.csv'}. The same command resumes: finished samples are skipped.")
     else:
-        say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
-            f"summary: {out / 'summary.csv'}")
+        say(f"{counts['ok']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed"
+            f"{lora_line}; summary: {out / 'summary.csv'}")
     for r in rows:
         if r["status"] == "failed":
             print(f"failed: {r['sample']}: {r['error']}", file=sys.stderr)

@@ -129,10 +129,12 @@ class ProgressReporter(L.Callback):
     ``stage`` is the stage's label as its console bar shows it ("LoRA", "inversion", "drag" or, for a method that
     drags at several timesteps, "drag step 2/7 (t=721)", "denoise", "decode", "generation"); ``step`` of ``total``
     is counted as that bar counts (a drag fit: the optimizer steps taken of its budget). ``handles``: for a drag
-    stage the current handles in pixels (x, y) of an image of ``image_hw``, else None. The LoRA and drag Trainers
-    call it as a Lightning callback, the loops outside a Trainer through ``stage_progress`` (``DragEditor`` hands
-    them its edit's callbacks that have it). ``should_cancel()`` is asked before every step; when true the edit
-    stops with EditCancelled. Used by the browser app for live progress and its cancel.
+    stage the current handles in pixels (x, y) of an image of ``image_hw``, else None. "lora_reused" (step 0 of
+    0) when the editor reused the identity LoRA instead of training it (``handles``: {"file": ..., "seconds":
+    ...}). The LoRA and drag Trainers call it as a Lightning callback, the loops outside a Trainer through
+    ``stage_progress`` (``DragEditor`` hands them its edit's callbacks that have it). ``should_cancel()`` is asked
+    before every step; when true the edit stops with EditCancelled. Used by the browser app for live progress and
+    its cancel.
     """
 
     def __init__(self, report, image_hw: tuple[int, int] | None = None, should_cancel=None):
@@ -148,6 +150,10 @@ class ProgressReporter(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.should_cancel():
             raise EditCancelled("cancelled")
+
+    def on_lora_reused(self, file: str, seconds: float):
+        """``DragEditor.prepare_lora`` reused the identity LoRA (no LoRA Trainer runs)."""
+        self.report("lora_reused", 0, 0, {"file": file, "seconds": float(seconds)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stage = str(getattr(pl_module, "stage_label", None) or "LoRA")

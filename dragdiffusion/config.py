@@ -441,6 +441,24 @@ def check_width(value, key: str = "width") -> None:
 
 
 @dataclass
+class CacheConfig:
+    """Edits reuse the identity LoRA and the inversion when nothing they depend on changed (README: Caching)."""
+    # the cache root; null: $DRAGDIFFUSION_EDIT_CACHE, else $DRAGDIFFUSION_CACHE, else ~/.cache/dragdiffusion
+    dir: Optional[str] = None
+    lora: bool = True  # identity LoRAs kept in <dir>/lora/<key>/ and reused (false: always trained)
+    inversion: bool = True  # inverted latents kept in this process's memory and reused (false: always inverted)
+    inversion_disk: bool = False  # also keep them in <dir>/inversion/<key>/, for later processes
+    max_bytes: int = 4 * 2 ** 30  # the disk cache's size limit; the least recently used entries go first
+    memory_bytes: int = 512 * 2 ** 20  # the in-memory inversions' limit, likewise
+
+    def __post_init__(self):
+        check(self.max_bytes >= 1, "cache.max_bytes", self.max_bytes, "a positive number of bytes")
+        check(self.memory_bytes >= 1, "cache.memory_bytes", self.memory_bytes, "a positive number of bytes")
+        check(self.dir is None or str(self.dir).strip() != "", "cache.dir", self.dir,
+              "a folder, or null for the default")
+
+
+@dataclass
 class EditConfig:
     method: MethodName = MethodName.dragdiffusion  # the drag method; method=NAME also takes its preset
     # the working width of every stage (height = int(width x h / w)): the inversion, drag and denoising
@@ -458,6 +476,7 @@ class EditConfig:
     reference: ReferenceControlConfig = field(default_factory=ReferenceControlConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # inputs: either a sample folder (DragBench or our format) / dataset, or the four fields below
     sample: Optional[str] = None  # a sample folder, or "demo" (the built-in demo sample)
     data: Optional[str] = None

@@ -21,17 +21,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .cache import (CACHE_VERSION, INVERSION_FILE, INVERSIONS, DiskCache, InversionRecord, cache_root, digest_bytes,
+                    digest_tensor, key_hash, keyed_file, warn, write_key)
 from .console import StageProgress, drag_label, quiet_lightning
 from .attention import (InversionKV, StepWindow, classic_attention, controlled_layer_names, inversion_kv,
                         reference_control)
-from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone, prompt_token_mask,
+from .backbone import (Backbone, decode_latent, encode_condition, encode_image, load_backbone, model_identity,
+                       prompt_token_mask,
                        unet_gradient_checkpointing)
 from .conditioning import cond_cat, cond_chunk, unet_cond_kwargs
 from .config import EditConfig, load_config, method_label, to_container, to_yaml
 from .data.convert import write_folder_sample
 from .ddim import ddim_denoise, ddim_invert, ddim_step, guided_eps, inversion_timesteps
 from .drag import DragEditModule, TextOptimization, guided_eps_and_features
-from .errors import ConfigError, SampleError
+from .errors import ConfigError, ModelLoadError, SampleError
 from .generated import GeneratedImage, sample_image
 from .images import latent_mask, to_model_input, to_uint8
 from .io import save_json, save_png, save_text
@@ -39,7 +42,8 @@ from .loggers import TrajectoryLogger, log_edit_result, log_lora_artifact, lora_
 from .features import StepGatedBottleneck, UNetPasses, mid_block_output
 from .methods import (DragDiffusionMethod, DragMethod, DragParts, DragStepContext, TransformInput, TransformStep,
                       UndraggedStep, make_method)
-from .lora import WEIGHT_NAME, has_identity_lora, load_identity_lora, remove_identity_lora, train_lora
+from .lora import (WEIGHT_NAME, has_identity_lora, identity_lora_key, identity_lora_of, load_identity_lora,
+                   mark_identity_lora, remove_identity_lora, restore_identity_lora, save_lora, train_lora)
 from .policy import DevicePolicy
 from .geometry import grid_to_pixels, pixels_to_grid
 from .sample import DragSample, draw_drag, grid_size, make_sample, working_size
@@ -93,10 +97,26 @@ class DragStart:
     seconds: dict = field(default_factory=dict)
     kv: InversionKV | None = None  # the inversion's self-attention keys and values (FastDrag), freed after the edit
     unet_passes: dict = field(default_factory=dict)  # UNet forward calls of the stages before the drag
+    sources: dict = field(default_factory=dict)  # how each stage got its result: {"lora": ..., "inversion": ...}
 
     @property
     def drag_cond(self) -> torch.Tensor:
         return cond_cat([self.uncond, self.cond]) if self.drag_guidance > 1 else self.cond
+
+
+@dataclass
+class LoraStage:
+    """How ``prepare_lora`` put the identity LoRA in: ``source`` "trained", "reused" (a keyed earlier one: the cache
+    or an earlier run's ``<out>/lora/``), "loaded" (``lora.path``) or "off"; ``file``: the file used or written
+    (None: none, or trained without a folder); ``key``: the LoRA's cache key hash (None: not keyed)."""
+    source: str
+    file: str | None = None
+    key: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        """trajectory.json's ``lora``: the file, or "reused <file>"."""
+        return f"reused {self.file}" if self.source == "reused" else self.file
 
 
 class DragEditor:
@@ -116,6 +136,7 @@ class DragEditor:
             raise ConfigError(f"the backbone is on {backbone.device} but the policy says {self.policy.device}")
         self._backbone = backbone
         self.listeners: list = []  # during an edit: its callbacks with ``stage_progress`` (the app's reporter)
+        self.lora_stage = LoraStage("off")  # set by every prepare_lora
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, **kw) -> "DragEditor":
@@ -165,31 +186,99 @@ class DragEditor:
     # ---------------------------------------------------------------- stage 1: the identity LoRA
     def prepare_lora(self, sample: DragSample, out_dir: str | Path | None = None, logger=False,
                      callbacks=()) -> str | None:
-        """Put the sample's identity LoRA into the UNet; returns the file used (None: none, or trained unsaved).
+        """Put the sample's identity LoRA into the UNet; returns the file used (None: none, or trained unsaved);
+        ``self.lora_stage`` says how (``LoraStage``).
 
-        ``lora.path`` set: load it (a file, a folder with pytorch_lora_weights.safetensors, or a per-sample folder
-        from ``train.py data=...``). Otherwise train it (``lora.enabled``) and, with ``out_dir``, write
-        ``out_dir/lora/``. A previous sample's identity LoRA is replaced, never stacked. ``logger``: the edit's
-        Lightning logger; ``callbacks``: more callbacks of the LoRA Trainer (the app's progress reporter)."""
+        The one lookup order (README: Caching): ``lora.path`` set: load it (a file, a folder with
+        pytorch_lora_weights.safetensors, or a per-sample folder from ``train.py data=...``; a batch sets it from
+        ``lora_dir``). Otherwise (``lora.enabled``) reuse the same LoRA made before (``cache.lora``: same key, see
+        ``identity_lora_key``), from ``out_dir/lora/`` of an earlier run, then from the cache
+        (``<cache.dir>/lora/<key>/``), restored bit for bit; else train it and write it to ``out_dir/lora/`` (with
+        its key.json) and to the cache. A previous sample's identity LoRA is replaced, never stacked. ``logger``:
+        the edit's Lightning logger; ``callbacks``: more callbacks of the LoRA Trainer (the app's progress reporter;
+        one with ``on_lora_reused(file, seconds)`` hears of a reuse)."""
         cfg, unet = self.cfg, self.backbone.unet
         if cfg.lora.path:
-            return str(load_identity_lora(unet, cfg.lora.path, cfg.lora.rank, sample.name))
+            file = load_identity_lora(unet, cfg.lora.path, cfg.lora.rank, sample.name)
+            mark_identity_lora(unet, "file:" + digest_bytes(file.read_bytes()))
+            self.lora_stage = LoraStage("loaded", str(file))
+            return str(file)
         if not cfg.lora.enabled:
             remove_identity_lora(unet)
+            self.lora_stage = LoraStage("off")
             return None
         lora_dir = Path(out_dir) / "lora" if out_dir is not None else None
         lora_cfg = cfg.lora  # model.gradient_checkpointing: the LoRA stage's too
         if self.gradient_checkpointing() and not cfg.lora.gradient_checkpointing:  # resolved: lora.resolution follows
             lora_cfg = OmegaConf.merge(to_container(cfg.lora), {"gradient_checkpointing": True})  # drag.width
+        key = self.lora_key(sample, lora_cfg)
+        reused = self.reuse_lora(key, lora_cfg, lora_dir, callbacks) if key is not None and cfg.cache.lora else None
+        if reused is not None:
+            return reused
         train_lora(self.backbone, sample.image, sample.prompt, lora_cfg, cfg.trainer, lora_dir, logger=logger or False,
                    quiet=bool(cfg.get("quiet", False)), policy=self.policy,
                    callbacks=lora_callbacks(logger) + list(callbacks))
+        mark_identity_lora(unet, None if key is None else "lora:" + key_hash(key))
+        if key is not None and cfg.cache.lora:
+            self.disk_cache().store("lora", key, lambda folder: save_lora(unet, folder))
+        self.lora_stage = LoraStage("trained", None if lora_dir is None else str(lora_dir / WEIGHT_NAME),
+                                    None if key is None else key_hash(key))
         if lora_dir is None:
             return None
         save_text(lora_dir / "config.yaml", to_yaml(OmegaConf.create({"lora": to_container(cfg.lora),
                                                                        "model": to_container(cfg.model)})))
+        if key is not None:
+            write_key(lora_dir, key)  # a later run with out=... finds it by its key
         log_lora_artifact(logger, lora_dir / WEIGHT_NAME, name="lora-" + str(sample.name))
         return str(lora_dir / WEIGHT_NAME)
+
+    def lora_key(self, sample: DragSample, lora_cfg) -> dict | None:
+        """The cache key of the sample's identity LoRA (``identity_lora_key``); None when the base model has no
+        identity (a hub id not in the local cache)."""
+        model = model_identity(self.cfg.model)
+        if model is None:
+            return None
+        checkpointing = bool(lora_cfg.gradient_checkpointing) or self.backbone.gradient_checkpointing
+        return identity_lora_key(sample.image, sample.prompt, lora_cfg, model, self.policy, checkpointing)
+
+    def reuse_lora(self, key: dict, lora_cfg, lora_dir: Path | None, callbacks=()) -> str | None:
+        """The LoRA of ``key`` made before, restored into the UNet: from ``lora_dir`` (an earlier run's, if its
+        key.json is this key), else from the cache; the file, or None (nothing there, or what is there does not
+        load: warned, and trained again)."""
+        tic = time.perf_counter()
+        cache = self.disk_cache()
+        places = [lambda: keyed_file(lora_dir, key, WEIGHT_NAME, foreign_warns=False) if lora_dir else None,
+                  lambda: cache.find("lora", key, WEIGHT_NAME)]
+        for place in places:
+            file = place()
+            if file is None:
+                continue
+            try:
+                restore_identity_lora(self.backbone.unet, lora_cfg, file)
+            except ModelLoadError as exc:  # truncated, foreign: never used, made again
+                if file.parent == cache.folder("lora", key):
+                    cache.reject(file, str(exc))
+                else:
+                    warn(f"ignoring {file} ({exc}); the identity LoRA is trained again")
+                continue
+            mark_identity_lora(self.backbone.unet, "lora:" + key_hash(key))
+            seconds = time.perf_counter() - tic
+            self.lora_stage = LoraStage("reused", str(file), key_hash(key))
+            self.say(f"reusing the identity LoRA of this image: {file} ({seconds:.2f} s)")
+            for callback in callbacks:
+                if hasattr(callback, "on_lora_reused"):
+                    callback.on_lora_reused(str(file), seconds)
+            return str(file)
+        return None
+
+    def disk_cache(self) -> DiskCache:
+        """The on-disk cache of this config (``cache.dir``, ``cache.max_bytes``)."""
+        return DiskCache(cache_root(self.cfg.cache.dir), int(self.cfg.cache.max_bytes))
+
+    def say(self, line: str) -> None:
+        """A line on the console, unless ``quiet``."""
+        if not bool(self.cfg.get("quiet", False)):
+            print(line, flush=True)
 
     # ---------------------------------------------------------------- stage 2: where the drag starts
     def invert(self, sample: DragSample) -> DragStart:
@@ -200,21 +289,82 @@ class DragEditor:
         inv_ts, denoise_ts = inversion_timesteps(sched, d.num_inference_steps, d.inversion_strength)
         cond = encode_condition(self.backbone, sample.prompt, work_hw)
         uncond = encode_condition(self.backbone, "", work_hw) if d.guidance_scale > 1 else None
-        z0 = encode_image(self.backbone, to_model_input(sample.image, work_hw).to(self.device))
         kv = InversionKV() if make_method(self.cfg).inversion_kv else None
-        # the inversion runs without guidance (guidance > 1 in inversion is a known source of failure)
+        record, source = self.inverted(sample, tuple(work_hw), cond, inv_ts, kv)
+        return DragStart(record.z_t.clone(), int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps),
+                         tuple(work_hw), cond, uncond, float(d.guidance_scale), kv=kv, sources={"inversion": source})
+
+    def inverted(self, sample: DragSample, work_hw: tuple[int, int], cond, inv_ts,
+                 kv: InversionKV | None = None) -> tuple[InversionRecord, str]:
+        """(the inversion's record, "computed" or "reused"): the same inversion done before (same
+        ``inversion_key``) from this process's memory or (``cache.inversion_disk``) the disk, else the DDIM
+        inversion of the image at the working size, kept for next time (``cache.inversion``). ``kv``: record the
+        self-attention keys and values into it (FastDrag); such an inversion is never reused nor kept, its keys and
+        values belong to one edit."""
+        pixels = to_model_input(sample.image, work_hw)
+        classic = self.classic_attention_needed()
+        key = self.inversion_key(sample, pixels, inv_ts, classic) if self.cfg.cache.inversion and kv is None else None
+        record = self.cached_inversion(key, work_hw) if key is not None else None
+        if record is not None:
+            self.say("reusing the inversion of this image")
+            return record, "reused"
+        z0 = encode_image(self.backbone, pixels.to(self.device))
         at = None if kv is None else (lambda i, t: kv.at(t))
-        # the reference's inversion runs on the attention of its drag
+        # without guidance (guidance > 1 in inversion is a known source of failure), on the attention of the drag
         with self.drag_attention(), self.recording_kv(kv), self.progress("inversion", len(inv_ts)) as progress:
-            z_t = ddim_invert(self.unet_fn(), sched, z0, cond, inv_ts, on_step=at, after_step=progress.step)
-        return DragStart(z_t, int(denoise_ts[0]), list(denoise_ts), int(d.num_inference_steps), tuple(work_hw),
-                         cond, uncond, float(d.guidance_scale), kv=kv)
+            z_t = ddim_invert(self.unet_fn(), self.backbone.scheduler, z0, cond, inv_ts, on_step=at,
+                              after_step=progress.step)
+        record = InversionRecord(z_t)
+        if key is not None:
+            INVERSIONS.put(key, record, int(self.cfg.cache.memory_bytes))
+            if self.cfg.cache.inversion_disk:
+                self.disk_cache().store("inversion", key, lambda folder: record.save(folder / INVERSION_FILE))
+        return record, "computed"
 
     def recording_kv(self, kv: InversionKV | None):
         """Record the self-attention keys and values of ``fastdrag.kv_layers`` into ``kv`` (nothing when None)."""
         if kv is None:
             return nullcontext()
         return inversion_kv(self.backbone.unet, list(self.cfg.fastdrag.kv_layers), kv, recording=True)
+    def inversion_key(self, sample: DragSample, pixels: torch.Tensor, inv_ts, classic: bool) -> dict | None:
+        """Everything the inverted latent depends on: the UNet (base model, its identity LoRA, precision, weights'
+        dtype, device type), the image's pixels at the working size, the prompt, the inversion timesteps as
+        resolved (a change of their rounding is a change of key) and the DDIM step size, the attention
+        (``reference.exact``'s classic attention) and the extras a method records (none yet: see
+        ``InversionRecord``). Not the guidance: the inversion runs without it. None when the base model or the
+        UNet's LoRA cannot be identified (nothing is then cached)."""
+        model, lora = model_identity(self.cfg.model), identity_lora_of(self.backbone.unet)
+        if model is None or lora is None:
+            return None
+        return {"kind": "inversion", "version": CACHE_VERSION, "model": model, "lora": lora,
+                "image": digest_tensor(pixels), "working_size": [int(v) for v in pixels.shape[-2:]],
+                "prompt": sample.prompt, "inversion_timesteps": [int(t) for t in inv_ts],
+                "num_inference_steps": int(self.cfg.drag.num_inference_steps), "classic_attention": bool(classic),
+                "precision": str(self.policy.precision),
+                "weight_dtype": str(self.policy.weight_dtype).replace("torch.", ""),
+                "device": self.policy.device.type, "extras": []}
+
+    def cached_inversion(self, key: dict, work_hw: tuple[int, int]) -> InversionRecord | None:
+        """``key``'s record from memory, else (``cache.inversion_disk``) from the disk (checked: the latent's
+        shape for this working size; anything else is warned about and inverted again)."""
+        record = INVERSIONS.get(key)
+        if record is not None or not self.cfg.cache.inversion_disk:
+            return record
+        cache = self.disk_cache()
+        file = cache.find("inversion", key, INVERSION_FILE)
+        if file is None:
+            return None
+        f = self.backbone.vae_scale_factor
+        shape = (1, int(self.backbone.vae.config.latent_channels), work_hw[0] // f, work_hw[1] // f)
+        try:
+            record = InversionRecord.load(file, self.device)
+            if tuple(record.z_t.shape) != shape or record.z_t.dtype != torch.float32:
+                raise ValueError(f"a latent of shape {tuple(record.z_t.shape)}, expected {shape}")
+        except Exception as exc:  # noqa: BLE001 - truncated, not safetensors, another shape: made again
+            cache.reject(file, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return None
+        INVERSIONS.put(key, record, int(self.cfg.cache.memory_bytes))
+        return record
 
     def generate(self, prompt: str | None = None) -> GeneratedImage:
         """Sample an image from ``prompt`` (``generation.*``), keeping the latent at the drag timestep."""
@@ -483,18 +633,23 @@ class DragEditor:
         drag itself); ``lora_callbacks``: of the LoRA Trainer."""
         sample.validate()
         check_backbone_layers(self.cfg, self.backbone.unet)
+        # seeded before each stage: a stage reused from the cache (which draws nothing) leaves the next stage the
+        # random state that running it would have left
         L.seed_everything(int(self.cfg.seed), verbose=False)
         with self.listening(callbacks, lora_callbacks):
             tic = time.perf_counter()
             with UNetPasses(self.backbone.unet) as lora_passes:
-                lora_file = self.prepare_lora(sample, out_dir, logger, lora_callbacks)
+                self.prepare_lora(sample, out_dir, logger, lora_callbacks)
             lora_seconds = time.perf_counter() - tic
+            L.seed_everything(int(self.cfg.seed), verbose=False)
             tic = time.perf_counter()
             with UNetPasses(self.backbone.unet) as inversion_passes:
                 start = self.invert(sample)
-            start.lora_file = lora_file
+            start.lora_file = self.lora_stage.label
             start.seconds = {"lora": lora_seconds, "inversion": time.perf_counter() - tic}
             start.unet_passes = {"lora": lora_passes.count, "inversion": inversion_passes.count}
+            start.sources["lora"] = self.lora_stage.source
+            L.seed_everything(int(self.cfg.seed), verbose=False)
             return self.run(sample, start, callbacks, logger)
 
     def edit_generated(self, generated: GeneratedImage, points, mask=None, callbacks=(), logger=False) -> EditResult:
@@ -507,6 +662,7 @@ class DragEditor:
         start = self.start_from_generated(generated)
         start.seconds = {"lora": 0.0, "inversion": 0.0}
         start.unet_passes = {"lora": 0, "inversion": 0}
+        start.sources = {"lora": "off", "inversion": "generated"}
         with self.listening(callbacks):
             result = self.run(sample, start, callbacks, logger)
         result.trajectory["generated"] = {"prompt": generated.prompt, "negative_prompt": generated.negative_prompt,
@@ -593,6 +749,7 @@ def edit_trajectory(module: DragEditModule | DragRun, sample: DragSample, start:
         "stop_reason": module.stop_reason,
         "final_distance_px": final_distance(module, sample),
         "lora": start.lora_file,
+        "sources": dict(start.sources),  # lora: trained | reused | loaded | off; inversion: computed | reused
         "seconds": seconds,
     }
 

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .backbone import Backbone, encode_condition, load_backbone
+from .cache import CACHE_VERSION, digest_tensor
 from .conditioning import cond_expand, unet_cond_kwargs
 from .config import normalize_precision, runs_on_one_device, to_yaml
 from .errors import ConfigError, DragError, ModelLoadError
@@ -57,6 +58,7 @@ from .loggers import close_logger, log_lora_artifact, lora_callbacks, make_logge
 from .policy import DevicePolicy, distributed_trainer
 
 ADAPTER = "identity"  # the peft adapter name of the identity LoRA inside a UNet
+IDENTITY_ATTR = "_dragdiffusion_identity_lora"  # on the UNet: what its identity adapter is (identity_lora_of)
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _QUIET_WARNINGS = ".*(does not have many workers|GPU available but not used|TPU available|LitLogger|" \
                   "exists and is not empty|ended before the epoch ended|module\\(s\\) in eval mode).*"
@@ -150,6 +152,7 @@ def lora_peft_config(lora_cfg):
 
 def remove_identity_lora(unet) -> None:
     """Take the identity adapter out of ``unet`` (the UNet is then exactly what it was before)."""
+    mark_identity_lora(unet, None)
     configs = getattr(unet, "peft_config", None) or {}
     if ADAPTER in configs:
         unet.delete_adapters(ADAPTER)
@@ -159,6 +162,20 @@ def remove_identity_lora(unet) -> None:
 
 def has_identity_lora(unet) -> bool:
     return ADAPTER in (getattr(unet, "peft_config", None) or {})
+
+
+def identity_lora_of(unet) -> str | None:
+    """What the UNet's identity adapter is, for keys that depend on it (the inversion's): "none" without one, else
+    what ``mark_identity_lora`` recorded once it was trained, restored or loaded (``DragEditor.prepare_lora``: the
+    LoRA's cache key or the loaded file's sha256); None when unknown (changed by other code since)."""
+    if not has_identity_lora(unet):
+        return "none"
+    return getattr(unet, IDENTITY_ATTR, None)
+
+
+def mark_identity_lora(unet, identity: str | None) -> None:
+    """Record what the identity adapter now is; every change of the adapter in this module resets it to None."""
+    setattr(unet, IDENTITY_ATTR, identity)
 
 
 def identity_lora_layers(unet) -> list[LoraLayer]:
@@ -193,6 +210,7 @@ def add_identity_lora(unet, lora_cfg, seed: int) -> list[torch.nn.Parameter]:
     """A fresh trainable identity adapter (replacing a previous one); returns its parameters (fp32). An adapter of
     the same shape is re-initialised in place (``reinit_identity_lora``: the same values, far faster)."""
     unet.requires_grad_(False)
+    mark_identity_lora(unet, None)  # unknown until the caller says what it trained or restored
     with torch.random.fork_rng(devices=[]):  # the LoRA's init follows lora.seed, the global RNG is untouched
         torch.manual_seed(int(seed))
         if not reinit_identity_lora(unet, lora_cfg):
@@ -420,7 +438,7 @@ def load_identity_lora(unet, path: str | Path, rank: int, sample_name: str | Non
     file = resolve_lora_file(path, sample_name)
     state, alphas, metadata, style = read_lora_file(file)
     check_lora_fits(state, unet, int(rank), file, style)
-    remove_identity_lora(unet)
+    remove_identity_lora(unet)  # (its identity: unknown until the caller marks it)
     if alphas and metadata:
         metadata = None  # diffusers takes one of the two; the alphas hold the scale
     try:
@@ -434,6 +452,60 @@ def load_identity_lora(unet, path: str | Path, rank: int, sample_name: str | Non
     unet.requires_grad_(False)
     unet.eval()
     return file
+
+
+def restore_identity_lora(unet, lora_cfg, file: str | Path) -> Path:
+    """Put an identity LoRA that ``save_lora`` wrote for these ``lora`` settings back into ``unet`` exactly as its
+    training left it: the same adapter as ``add_identity_lora`` makes (rank, alpha, target modules, fp32 weights
+    whatever the UNet's dtype), the file's weights copied bit for bit, frozen, in eval mode. (``load_identity_lora``
+    goes through diffusers' loader instead, which casts to the UNet's dtype: right for any LoRA file, not bit for
+    bit the trained adapter under half weights.) A file that is not exactly this adapter's tensors (truncated,
+    another rank, foreign) raises ModelLoadError and leaves no adapter."""
+    file = Path(file)
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - truncated, not safetensors ...
+        raise ModelLoadError(f"{file}: not a readable safetensors file ({exc.__class__.__name__})") from None
+    add_identity_lora(unet, lora_cfg, lora_cfg.seed)
+    params = {}
+    for name, layer in unet.named_modules():
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
+            params[f"unet.{name}.lora.down.weight"] = layer.lora_A[ADAPTER].weight
+            params[f"unet.{name}.lora.up.weight"] = layer.lora_B[ADAPTER].weight
+    wrong = sorted(set(params) ^ set(tensors)) or sorted(
+        k for k, p in params.items() if tuple(tensors[k].shape) != tuple(p.shape) or tensors[k].dtype != p.dtype)
+    if wrong:
+        remove_identity_lora(unet)
+        raise ModelLoadError(f"{file}: not this identity LoRA's weights (first mismatch: '{wrong[0]}')")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+    unet.requires_grad_(False)
+    unet.eval()
+    return file
+
+
+def identity_lora_key(image: np.ndarray, prompt: str | None, lora_cfg, model: dict, policy: DevicePolicy,
+                      gradient_checkpointing: bool) -> dict:
+    """The cache key of an identity LoRA: everything its trained weights depend on. The pixels the stage sees
+    (the image after orientation, its short side resized to ``lora.resolution``), the prompt, the base model
+    (``backbone.model_identity``), every ``lora.*`` setting that changes the training (not ``save_every``, ``path``,
+    ``enabled``), the precision, the weights' dtype, the device type and gradient checkpointing (a recomputed
+    forward may round differently on a GPU). ``seed`` is ``lora.seed``: the stage draws from it alone."""
+    h, w = resized_size(image.shape[0], image.shape[1], int(lora_cfg.resolution))
+    c = lora_cfg
+    return {
+        "kind": "lora", "version": CACHE_VERSION,
+        "image": digest_tensor(to_model_input(image, (h, w))), "image_size": [h, w],
+        "prompt": prompt or "", "model": model,
+        "lora": {"rank": int(c.rank), "alpha": int(c.alpha), "target_modules": sorted(str(m) for m in c.target_modules),
+                 "steps": int(c.steps), "lr": float(c.lr), "betas": [float(b) for b in c.betas],
+                 "weight_decay": float(c.weight_decay), "eps": float(c.eps), "batch_size": int(c.batch_size),
+                 "resolution": int(c.resolution), "seed": int(c.seed), "cache_latents": bool(c.cache_latents),
+                 "gradient_checkpointing": bool(gradient_checkpointing)},
+        "precision": str(policy.precision), "weight_dtype": str(policy.weight_dtype).replace("torch.", ""),
+        "device": policy.device.type,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the module

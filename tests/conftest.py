@@ -30,6 +30,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def empty_edit_cache(tmp_path_factory, monkeypatch):
+    """Every test starts with an empty edit cache (identity LoRAs and inversions: its own folder, which
+    subprocesses inherit through the environment, and nothing in memory): nothing carries over between tests, and
+    nothing goes to the user's ~/.cache."""
+    from dragdiffusion.cache import INVERSIONS
+    monkeypatch.setenv("DRAGDIFFUSION_EDIT_CACHE", str(tmp_path_factory.mktemp("edit-cache")))
+    INVERSIONS.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from dragdiffusion.tiny import ensure_tiny_model

@@ -198,6 +198,37 @@ def test_progress_reports_every_stage_and_cancels(tiny_editor):
 
 
 
+def test_the_apps_second_run_on_the_same_image_reuses_the_lora_and_the_inversion(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Drag, look, move a point, drag again: the second run neither trains the identity LoRA nor inverts again
+    (the cache is the test's own, empty at its start: conftest), and says so with the time it took."""
+    import torch
+    import dragdiffusion.editor as editor_module
+    from dragdiffusion.app_jobs import EditorCache, edit_job, page_config, reuse_note, settings_changes
+    trained = []
+    real_train = editor_module.train_lora
+    monkeypatch.setattr(editor_module, "train_lora", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    cfg = page_config(None, ["model=tiny", "trainer=cpu", "lora.resolution=64", "lora.batch_size=1",
+                             "drag.num_inference_steps=5"], None, settings_changes(128, 42, True, 2, 3, 0.1, 0.7,
+                                                                                   0.01, [2]))
+    image = np.asarray(Image.open(make_image(tmp_path / "in.png")))
+    editors, runs = EditorCache(), []
+    for points in ([[40, 60], [70, 60]], [[40, 60], [80, 50]]):  # the person moves the target and runs again
+        reports = []
+        job = edit_job(cfg, image, points, None, "a ball", editors=editors)
+        runs.append((job(lambda *r: reports.append(r), lambda: False), [r[0] for r in reports]))
+    (first, first_stages), (second, second_stages) = runs
+    assert trained == [1]
+    assert "lora" in first_stages and "lora_reused" not in first_stages
+    assert "lora" not in second_stages and second_stages.count("lora_reused") == 1
+    assert second.trajectory["sources"] == {"lora": "reused", "inversion": "reused"}
+    assert torch.equal(second.z_t, first.z_t)
+    assert second.trajectory["seconds"]["lora"] < first.trajectory["seconds"]["lora"]
+    assert reuse_note(first.trajectory) == ""
+    assert reuse_note(second.trajectory).startswith("; reused the identity LoRA of this image (")
+    assert reuse_note(second.trajectory).endswith(" s) and its inversion")
+
+
 @pytest.mark.browser
 def test_bad_inputs_give_messages_and_the_app_keeps_serving(page, tmp_path):
     assert run(page).startswith("error: image:")  # nothing uploaded
