@@ -263,11 +263,12 @@ def model_identity(model_cfg) -> dict | None:
     cache); a local folder or single file by its files (``cache.path_identity``: the content of the small ones,
     configs and tokenizer files up to 1 MiB, and the size and modification time of the large ones, so no weight
     file is read; a copy without the times, ``cp`` without ``-p``, or a touched weight file is a new identity: the
-    cache then misses, never wrongly hits); the same for a separate VAE and ``single_file_config``; and the options
+    cache then misses, never wrongly hits); the same for a separate VAE, a separate UNet (``model.unet``) and
+    ``single_file_config``; and the options
     that change the UNet's numbers (``compile``, ``channels_last``). None when it cannot be told (a hub id that is
     not in the local cache): nothing is then cached for it. Computed once per process and source."""
     parts = {"name_or_path": _source_identity(str(model_cfg.name_or_path))}
-    for key in ("vae", "single_file_config"):
+    for key in ("vae", "unet", "single_file_config"):
         value = model_cfg.get(key)
         parts[key] = None if value is None else _source_identity(str(value))
         if value is not None and parts[key] is None:
@@ -278,7 +279,6 @@ def model_identity(model_cfg) -> dict | None:
     parts["compile"] = bool(model_cfg.get("compile", False))
     parts["channels_last"] = bool(model_cfg.get("channels_last", False))
     return parts
-
 
 
 def apply_speedups(unet, channels_last: bool = False, compile_blocks: bool = False) -> None:

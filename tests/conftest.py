@@ -30,6 +30,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_edit_cache(tmp_path_factory):
+    """Module- and session-scoped fixtures run before a test's own empty cache is set: they get this session's,
+    never the user's ~/.cache."""
+    previous = os.environ.get("DRAGDIFFUSION_EDIT_CACHE")
+    os.environ["DRAGDIFFUSION_EDIT_CACHE"] = str(tmp_path_factory.mktemp("session-edit-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DRAGDIFFUSION_EDIT_CACHE", None)
+    else:
+        os.environ["DRAGDIFFUSION_EDIT_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def empty_edit_cache(tmp_path_factory, monkeypatch):
     """Every test starts with an empty edit cache (identity LoRAs and inversions: its own folder, which

@@ -219,8 +219,8 @@ def test_the_apps_second_run_on_the_same_image_reuses_the_lora_and_the_inversion
         runs.append((job(lambda *r: reports.append(r), lambda: False), [r[0] for r in reports]))
     (first, first_stages), (second, second_stages) = runs
     assert trained == [1]
-    assert "lora" in first_stages and "lora_reused" not in first_stages
-    assert "lora" not in second_stages and second_stages.count("lora_reused") == 1
+    assert "LoRA" in first_stages and "lora_reused" not in first_stages
+    assert "LoRA" not in second_stages and second_stages.count("lora_reused") == 1
     assert second.trajectory["sources"] == {"lora": "reused", "inversion": "reused"}
     assert torch.equal(second.z_t, first.z_t)
     assert second.trajectory["seconds"]["lora"] < first.trajectory["seconds"]["lora"]

@@ -314,3 +314,12 @@ def test_a_methods_batch_counts_loras_trained_and_reused(tmp_path, tiny_model_di
     t = json.loads((out / "freedrag" / "s0" / "trajectory.json").read_text())
     assert t["lora"].startswith("reused ") and Path(t["lora"][len("reused "):]).is_file()
     assert t["sources"] == {"lora": "reused", "inversion": "reused"}  # the same LoRA and schedule: one process
+
+
+def test_a_separate_unet_is_part_of_the_models_identity(tmp_path, tiny_model_dir):
+    """model.unet (FastDrag's LCM UNet) changes every UNet output: another UNet is another identity."""
+    from dragdiffusion.backbone import model_identity
+    from dragdiffusion.config import load_config
+    base = model_identity(load_config(None, ["model=tiny"]).model)
+    swapped = model_identity(load_config(None, ["model=tiny", f"model.unet={tiny_model_dir / 'unet'}"]).model)
+    assert base is not None and swapped is not None and base != swapped and swapped["unet"] is not None

@@ -223,3 +223,16 @@ def test_a_missing_unet_is_named_before_anything_loads(tmp_path, tiny_model_dir)
     assert "model.unet" in model_missing(ModelConfig(name_or_path="tiny", unet=str(tmp_path / "nope")))
     offline = model_missing(ModelConfig(name_or_path="tiny", unet="no-such-org/lcm-unet", local_files_only=True))
     assert "model.unet" in offline and "not in the Hugging Face cache" in offline
+
+
+def test_fastdrag_inverts_for_its_own_keys_and_values_even_when_the_inversion_is_cached(tiny_editor):
+    """The inversion cache keeps latents; FastDrag's inversion also records keys and values for its one edit, so it
+    never takes a cached latent (nor leaves its own)."""
+    sample = demo_sample(64, 48)
+    plain = editor_with(tiny_editor, ["drag.width=64", "drag.num_inference_steps=10", "drag.n_pix_step=1"])
+    assert plain.edit(sample).trajectory["sources"]["inversion"] == "computed"
+    assert plain.edit(sample).trajectory["sources"]["inversion"] == "reused"
+    fast = editor_with(tiny_editor, FASTDRAG)
+    for _ in range(2):
+        t = fast.edit(sample).trajectory
+        assert t["sources"]["inversion"] == "computed" and t["unet_passes"]["inversion"] == 7

@@ -22,7 +22,7 @@ from dragdiffusion.loggers import (BATCH_COLUMNS, TRAJECTORY_COLUMNS, close_logg
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SAMPLE_WH = (192, 144)  # input size: every trajectory image must have it
 EDIT = ["logger.image_every=4", "logger.run_name=test-edit", "logger.tags=[unit,tiny]", "drag.n_pix_step=8",
-        "drag.num_inference_steps=10", "lora.enabled=true", "lora.steps=2", "lora.resolution=64"]
+        "drag.num_inference_steps=10", "lora.enabled=true", "lora.steps=2", "lora.resolution=64", "cache.lora=false"]
 
 
 @pytest.fixture(scope="module", autouse=True)

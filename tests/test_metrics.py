@@ -285,7 +285,7 @@ def test_evaluate_cli_errors_name_what_is_wrong(tmp_path, dragbench_dir, capsys)
             "model.local_files_only=true", "trainer=cpu", "image_fidelity.enabled=false", "quiet=true"]
     assert main(args) == 2
     err = capsys.readouterr().err  # found before any model loads
-    assert "model.name_or_path=no-such-org/no-such-model: not in the Hugging Face cache" in err
+    assert "model.name_or_path: 'no-such-org/no-such-model' is a hub id that is not in the Hugging Face cache" in err
     if importlib.util.find_spec("torchvision") is None:
         assert main([f"results={tmp_path}", f"data={dragbench_dir}", "model=tiny", "trainer=cpu", "quiet=true"]) == 2
         assert "image_fidelity.enabled=false" in capsys.readouterr().err
