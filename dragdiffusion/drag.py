@@ -33,6 +33,11 @@ from .motion import handle_distances, motion_supervision_loss
 TEXT_SERIES = ("text_loss", "text_shift")  # DragText's per-iteration records (not loss terms of the drag variable)
 
 
+def prompt_hidden(cond) -> torch.Tensor:
+    """The prompt embedding rows of a condition (a tensor, or a ``Conditioning``'s ``hidden``)."""
+    return cond.hidden if isinstance(cond, Conditioning) else cond
+
+
 def cfg_feature_weight(guidance_scale: float) -> float:
     """c = s / (2s - 1): the weight of the conditional features under classifier-free guidance s."""
     return guidance_scale / (2 * guidance_scale - 1)
@@ -186,7 +191,7 @@ class DragEditModule(L.LightningModule):
         self.text_embedding = None
         self._pending_text: PendingTextStep | None = None
         if text is not None:  # the conditional row (the last: guidance puts [uncond, cond])
-            hidden = cond.hidden if isinstance(cond, Conditioning) else cond
+            hidden = prompt_hidden(cond)
             self.text_embedding = torch.nn.Parameter(hidden[-1:].detach().clone().float())
             self.register_buffer("text_original", hidden[-1:].detach().clone().float(), persistent=False)
             self.register_buffer("text_tokens", text.tokens.to(hidden.device).float()[None, :, None],
@@ -213,7 +218,7 @@ class DragEditModule(L.LightningModule):
         optimized embedding (in the embedding's dtype, with its gradient)."""
         if self.text_embedding is None:
             return self.cond
-        hidden = self.cond.hidden if isinstance(self.cond, Conditioning) else self.cond
+        hidden = prompt_hidden(self.cond)
         c = self.text_embedding.to(hidden.dtype)
         if hidden.shape[0] > 1:
             c = torch.cat([hidden[:-1], c])
@@ -275,8 +280,8 @@ class DragEditModule(L.LightningModule):
         diff = self.text_embedding - self.text_original
         regularizer = self.text.lam * (diff.abs() * self.text_tokens).sum()
         shift = diff.detach().norm()
-        self.history.setdefault("text_loss", []).append(regularizer.detach())
-        self.history.setdefault("text_shift", []).append(shift)
+        self.history["text_loss"].append(regularizer.detach())
+        self.history["text_shift"].append(shift)
         if self.listening():
             self.log_dict({"drag/text_loss": regularizer.detach(), "drag/text_shift": shift}, on_step=True)
         if all(c.wants_text_step(self, step) for c in callbacks):
@@ -338,8 +343,7 @@ class DragEditModule(L.LightningModule):
         or a ``Conditioning`` with the same added conditioning), or None without DragText."""
         if self.text_embedding is None:
             return None
-        hidden = self.cond.hidden if isinstance(self.cond, Conditioning) else self.cond
-        c = self.text_embedding.detach().clone().to(hidden.dtype)
+        c = self.text_embedding.detach().clone().to(prompt_hidden(self.cond).dtype)
         if isinstance(self.cond, Conditioning):
             return Conditioning(c, self.cond.chunk(self.cond.shape[0])[-1].added)
         return c

@@ -10,6 +10,7 @@ sampler. Every stage is a method of the editor; the device and precision of all 
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -276,9 +277,10 @@ class DragEditor:
         return DiskCache(cache_root(self.cfg.cache.dir), int(self.cfg.cache.max_bytes))
 
     def say(self, line: str) -> None:
-        """A line on the console, unless ``quiet``."""
+        """A line about a stage on the console (stderr, with the stage bars: stdout keeps the result lines), unless
+        ``quiet``."""
         if not bool(self.cfg.get("quiet", False)):
-            print(line, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- stage 2: where the drag starts
     def invert(self, sample: DragSample) -> DragStart:

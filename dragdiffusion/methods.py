@@ -308,7 +308,9 @@ class FastDragMethod(DragMethod):
         latent_hw = tuple(z.shape[-2:])
         handles = pixels_to_latent(given.handles_xy, given.image_hw, latent_hw)
         targets = pixels_to_latent(given.targets_xy, given.image_hw, latent_hw)
-        cells = mask_cells(None if given.mask is None else torch.as_tensor(given.mask), latent_hw)
+        mask = None if given.mask is None else torch.as_tensor(given.mask)
+        whole_image = mask is None or not bool(mask.any())
+        cells = mask_cells(None if whole_image else mask, latent_hw)
         warp = warp_latent(z.float(), cells, handles, targets)
         fill = FILLS[str(self.cfg.fastdrag.fill)]
         z_new = fill(warp.z, warp.holes, fallback=z.float())
@@ -316,7 +318,7 @@ class FastDragMethod(DragMethod):
         moved = warp.handle_destinations.cpu() * scale
         record = {"moved_cells": warp.moved_cells, "holes": int(warp.holes.sum()),
                   "circle": {"centre_rc": [float(v) for v in warp.centre], "radius": warp.radius},
-                  "whole_image": given.mask is None or not bool(torch.as_tensor(given.mask).any())}
+                  "whole_image": whole_image}
         history = {"handles": [given.handles_rc.cpu().tolist(), moved.tolist()], "motion_loss": [], "mask_loss": [],
                    "loss": []}
         return TransformStep(t, z_new, moved.to(given.handles_rc.device), tuple(given.grid_hw), history, record)
